@@ -1,0 +1,75 @@
+import json
+import tarfile
+
+from conftest import jpeg_bytes, write_tar
+
+from wsl.shards import read_input_shards, read_jsonl, write_shards
+
+
+def test_demo_shards_hold_jpg_and_json_members(demo):
+    shards = sorted(demo["shards"].glob("demo-*.tar"))
+    assert len(shards) == 7  # 600 images + 5 broken lines -> 604 parseable entries, 100 a shard
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+    assert {name.rsplit(".", 1)[1] for name in names} == {"jpg", "json"}
+    assert names[0].endswith(".jpg") and names[1] == names[0].replace(".jpg", ".json")  # a sample's files adjacent
+
+
+def test_broken_demo_files_are_reported_with_reasons_and_nothing_else_is_lost(demo):
+    stats = demo["stats"]
+    lines = (demo["summary"]["annotations"])
+    total_lines = sum(1 for line in open(lines) if line.strip())
+    assert stats["samples"] == 600
+    assert stats["samples"] + sum(stats["skipped"].values()) == total_lines
+    assert stats["skipped"] == {
+        "annotation line is not JSON": 1, "corrupt image": 1, "not an image": 1, "empty file": 1, "unreadable": 1,
+    }
+    reasons = {item["source"]: item["reason"] for item in stats["skipped_files"]}
+    assert reasons["images/broken/truncated.jpg"].startswith("corrupt image: image file is truncated")
+    sizes = json.loads((demo["shards"] / "sizes.json").read_text())
+    assert sum(sizes.values()) == 600 and sizes == stats["shards"]
+
+
+def test_shard_json_keeps_the_hashtags_as_typed_and_from_captions(demo):
+    with tarfile.open(sorted(demo["shards"].glob("demo-*.tar"))[0]) as tar:
+        metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert all(isinstance(meta["hashtags"], list) for meta in metas)
+    captioned = [m for m in metas if "caption" in m]
+    assert captioned, "the demo has caption-only annotations"
+    for meta in captioned:
+        assert meta["hashtags"] == [w[1:] for w in meta["caption"].split() if w.startswith("#")]
+
+
+def test_writing_the_same_input_twice_gives_byte_identical_shards(tmp_path):
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(7):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+        lines.append(json.dumps({"path": f"img/{i}.jpg", "hashtags": ["#Cat", "dog"]}))
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    for out in ("one", "two"):
+        samples, problems = read_jsonl(tmp_path / "a.jsonl")
+        write_shards(samples, tmp_path / out, prefix="x", shard_size=3, workers=2, input_problems=problems)
+    one = sorted((tmp_path / "one").glob("x-*.tar"))
+    assert [p.name for p in one] == ["x-000000.tar", "x-000001.tar", "x-000002.tar"]
+    assert all(p.read_bytes() == (tmp_path / "two" / p.name).read_bytes() for p in one)
+    assert not list((tmp_path / "one").glob("*.tmp"))
+
+
+def test_img2dataset_shards_are_resharded_with_hashtags_from_json_or_caption_text(tmp_path):
+    image = jpeg_bytes()
+    write_tar(tmp_path / "in-0.tar", [
+        ("000.jpg", image), ("000.json", json.dumps({"caption": "at the #Beach", "url": "http://x"}).encode()),
+        ("001.jpg", image), ("001.txt", b"my #cat and #dog"),
+        ("002.jpg", image), ("002.json", json.dumps({"hashtags": ["sky"]}).encode()), ("002.pth", b"not read"),
+        ("003.jpg", b"<html>error</html>"), ("003.txt", b"#broken"),
+    ])
+    stats = write_shards(read_input_shards(str(tmp_path / "in-0.tar")), tmp_path / "out", prefix="p", shard_size=10)
+    assert stats["samples"] == 3 and stats["skipped"] == {"not an image": 1}
+    with tarfile.open(tmp_path / "out" / "p-000000.tar") as tar:
+        metas = {m.name: json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")}
+        names = tar.getnames()
+    assert metas["000.json"]["hashtags"] == ["Beach"] and metas["000.json"]["url"] == "http://x"
+    assert metas["001.json"]["hashtags"] == ["cat", "dog"]
+    assert metas["002.json"]["hashtags"] == ["sky"]
+    assert not any(n.endswith(".pth") for n in names)

@@ -1,0 +1,179 @@
+"""`wsl`: one subcommand per stage. `wsl <stage> --help` documents every option.
+
+`--config FILE.yaml` sets an option's default (keys are option names with '_' for '-');
+options on the command line override it, as in timm's train.py. Problems with the input
+are reported in one line (`wsl <stage>: error: ...`) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from wsl.errors import WslError
+
+
+def _config_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Apply `--config` values as defaults, rejecting keys that are no option of `parser`."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    path = Path(known.config)
+    if not path.is_file():
+        raise WslError(f"config file not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise WslError(f"{path}: a config must be a mapping of option: value")
+    options = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - options)
+    if unknown:
+        raise WslError(f"{path}: unknown option(s) {', '.join(unknown)}; see `{parser.prog} --help`")
+    parser.set_defaults(**values)
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from wsl.demo_data import generate
+
+    summary = generate(args.out, args.num_images, args.downstream_train_per_class, args.downstream_val_per_class,
+                       args.seed, args.workers)
+    state = "already there (same parameters), reused" if summary.get("reused") else "written"
+    print(f"demo data {state}: {args.out}")
+    print(f"  pretraining annotations: {summary['annotations']}  ({summary['pretrain_images']} images"
+          f" + {summary['broken_entries']} broken entries)")
+    print(f"  downstream set (ImageNet folder layout): {summary['downstream']}")
+    print(f"  synonym file: {summary['synonyms']}")
+
+
+def _shards(args: argparse.Namespace) -> None:
+    from wsl.shards import read_input_shards, read_jsonl, write_shards
+
+    if bool(args.jsonl) == bool(args.input_shards):
+        raise WslError("give exactly one input: --jsonl FILE or --input-shards SPEC")
+    problems: list[tuple[str, str]] = []
+    if args.jsonl:
+        samples, problems = read_jsonl(Path(args.jsonl), Path(args.images_root) if args.images_root else None)
+    else:
+        samples = read_input_shards(args.input_shards)
+    stats = write_shards(samples, Path(args.out), prefix=args.prefix, shard_size=args.shard_size,
+                         workers=args.workers, input_problems=problems)
+    print(f"wrote {stats['samples']} samples in {len(stats['shards'])} shards to {args.out} "
+          f"({args.prefix}-NNNNNN.tar; sizes.json, stats.json)")
+    skipped = sum(stats["skipped"].values())
+    print(f"skipped {skipped} input(s): " + (json.dumps(stats["skipped"]) if skipped else "none"))
+    for item in stats["skipped_files"][:10]:
+        print(f"  skipped {item['source']}: {item['reason']}")
+
+
+def _vocab(args: argparse.Namespace) -> None:
+    from wsl.vocab import build_vocab_from_shards
+
+    vocab = build_vocab_from_shards(args.shards, synonyms_file=args.synonyms, top_k=args.top_k,
+                                    min_count=args.min_count, imagenet=args.imagenet, workers=args.workers)
+    path = vocab.save(args.out)
+    print(f"vocabulary {vocab.short_hash}: {len(vocab)} classes -> {path}")
+    print("  most frequent: " + ", ".join(f"#{c.tag} ({c.count})" for c in vocab.classes[:8]))
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    import time
+
+    from wsl.data import TrainDataConfig, TrainLoader
+    from wsl.vocab import Vocabulary
+
+    vocab = Vocabulary.load(args.vocab)
+    config = TrainDataConfig(shards=args.shards, vocab=args.vocab, batch_size=args.batch_size,
+                             num_workers=args.workers, image_size=args.image_size,
+                             resample_exponent=args.resample_exponent)
+    loader = TrainLoader(config, vocab)
+    started, images = time.time(), 0
+    for batch_index, batch in enumerate(loader):
+        images += len(batch["key"])
+        if batch_index + 1 == args.batches:
+            break
+    seconds = time.time() - started
+    print(f"vocabulary {vocab.short_hash} ({len(vocab)} classes) matches {args.shards}; "
+          f"{len(loader)} batches an epoch of {args.batch_size}")
+    print(f"read {images} images in {seconds:.1f} s ({images / seconds:.0f} images/s with {args.workers} workers)")
+    print(f"skipped or dropped: {json.dumps(loader.skip_counts) if loader.skip_counts else 'none'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    cpus = os.cpu_count() or 1
+
+    p = sub.add_parser("demo-data", help="generate the embedded demo hashtag dataset and downstream set")
+    p.add_argument("--config", help="YAML file of option defaults")
+    p.add_argument("--out", default="data/demo", help="output folder (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=20000, help="pretraining images (default: %(default)s)")
+    p.add_argument("--downstream-train-per-class", type=int, default=60, help="(default: %(default)s)")
+    p.add_argument("--downstream-val-per-class", type=int, default=30, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=cpus, help="processes (default: all CPUs, %(default)s)")
+    p.set_defaults(run=_demo_data)
+
+    p = sub.add_parser("shards", help="write images + hashtags into WebDataset tar shards")
+    p.add_argument("--config", help="YAML file of option defaults")
+    p.add_argument("--jsonl", help='annotations, one {"path", "hashtags"} or {"path", "caption"} a line')
+    p.add_argument("--images-root", help="folder the JSONL paths are relative to (default: the JSONL's folder)")
+    p.add_argument("--input-shards", help="img2dataset-style shards (key.jpg + key.json/key.txt): paths, dirs, {a..b}")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--prefix", default="shard", help="shard names are PREFIX-NNNNNN.tar (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples a shard (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=cpus, help="shards written at once (default: %(default)s)")
+    p.set_defaults(run=_shards)
+
+    p = sub.add_parser("vocab", help="count the shards' hashtags and write the hashtag vocabulary")
+    p.add_argument("--config", help="YAML file of option defaults")
+    p.add_argument("--shards", required=True, help="shards: paths, a directory, {a..b} patterns, URLs; '::' joins")
+    p.add_argument("--out", required=True, help="vocabulary JSON to write")
+    p.add_argument("--synonyms", help="synonym file: `canonical: synonym, synonym` a line")
+    p.add_argument("--top-k", type=int, help="keep the k most frequent classes")
+    p.add_argument("--min-count", type=int, default=1, help="keep classes with at least this many images")
+    p.add_argument("--imagenet", action="store_true", help="only the 1,000 ImageNet class names as hashtags (+synonyms)")
+    p.add_argument("--workers", type=int, default=cpus, help="shards read at once (default: %(default)s)")
+    p.set_defaults(run=_vocab)
+
+    p = sub.add_parser("check-data", help="run the training data pipeline for a few batches: a dry run before a job")
+    p.add_argument("--config", help="YAML file of option defaults")
+    p.add_argument("--shards", required=True, help="training shards: paths, a directory, {a..b} patterns, URLs")
+    p.add_argument("--vocab", required=True, help="vocabulary JSON from `wsl vocab`")
+    p.add_argument("--batches", type=int, default=10, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=224, help="(default: %(default)s)")
+    p.add_argument("--resample-exponent", type=float, default=0.5, help="0 natural, 0.5 sqrt, 1 uniform (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=min(cpus, 8), help="DataLoader workers (default: %(default)s)")
+    p.set_defaults(run=_check_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        subparser = parser._subparsers._group_actions[0].choices.get(command) if command else None
+        if subparser is not None:
+            _config_defaults(subparser, argv)
+        args = parser.parse_args(argv)
+        args.run(args)
+    except WslError as exn:
+        print(f"wsl {command}: error: {exn}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wsl {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""A deterministic stand-in for Instagram: photo-like JPEGs with the hashtags a user would type.
+
+Each image is a textured scene (sky, grass, sand, night, brick) holding one to three objects
+of a shape (circle, star, ...) with a colour and a pattern, at 96-320 px. Its hashtags name
+what is visible, often by a synonym (#circle / #round), plus frequent noise tags (#love,
+#instagood); shapes and colours follow Zipf-like frequencies; some true tags are missing and
+some are wrong; a fifth of the annotations give a caption holding the hashtags instead of a
+list. A few broken files (truncated JPEG, HTML saved as .jpg, empty file, missing file, a
+line that is not JSON) are mixed in, as in any scrape.
+
+Beside it, a labelled downstream set in ImageNet's folder layout whose classes are the
+shapes, on random scenes and colours: recognising them is what the hashtags teach.
+
+Image i depends only on (seed, i), so any number of worker processes gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+# Concept -> the hashtags users write for it (first = canonical; later = synonyms, rarer).
+SHAPES = {
+    "circle": ["circle", "round", "circles"],
+    "square": ["square", "box", "squares"],
+    "triangle": ["triangle", "pyramid", "triangles"],
+    "star": ["star", "stars", "starshape"],
+    "ring": ["ring", "donut", "doughnut"],
+    "cross": ["cross", "plus"],
+    "hexagon": ["hexagon", "honeycomb", "hex"],
+    "crescent": ["crescent", "moon", "halfmoon"],
+    "diamond": ["diamond", "rhombus"],
+    "arrow": ["arrow", "arrows"],
+}
+COLOURS = {
+    "red": ([200, 30, 30], ["red", "crimson"]),
+    "blue": ([30, 60, 210], ["blue", "navy"]),
+    "green": ([40, 170, 60], ["green", "emerald"]),
+    "yellow": ([235, 210, 40], ["yellow", "gold"]),
+    "purple": ([130, 50, 170], ["purple", "violet"]),
+    "orange": ([240, 130, 20], ["orange"]),
+    "white": ([240, 240, 240], ["white"]),
+    "black": ([20, 20, 20], ["black"]),
+}
+PATTERNS = {"plain": [], "stripes": ["stripes", "striped"], "dots": ["dots", "polkadot"], "checks": ["checkered", "plaid"]}
+SCENES = {
+    "sky": ["sky", "bluesky"],
+    "grass": ["grass", "lawn"],
+    "sand": ["sand", "beach"],
+    "night": ["night", "dark"],
+    "brick": ["brick", "wall"],
+}
+NOISE_TAGS = ["love", "instagood", "photooftheday", "beautiful", "happy", "picoftheday", "cute", "tbt", "art", "summer",
+              "like4like", "followme", "nofilter", "weekend", "mood"]
+CAPTION_WORDS = ["what a day", "so good", "finally", "can't stop looking at this", "weekend vibes", "look at this", "new"]
+
+SHAPE_NAMES = list(SHAPES)
+DOWNSTREAM_CLASSES = SHAPE_NAMES
+
+
+def _zipf(n: int, s: float = 1.1) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1) ** s
+    return p / p.sum()
+
+
+SHAPE_P, COLOUR_P, NOISE_P = _zipf(len(SHAPES)), _zipf(len(COLOURS), 0.8), _zipf(len(NOISE_TAGS), 1.0)
+
+
+def synonyms_text() -> str:
+    """The demo's synonym file: every concept with the other hashtags users write for it."""
+    groups = [*SHAPES.values(), *(tags for _, tags in COLOURS.values()), *PATTERNS.values(), *SCENES.values()]
+    lines = ["# canonical: synonyms (one class a line)"]
+    lines += [f"{tags[0]}: {', '.join(tags[1:])}" for tags in groups if len(tags) > 1]
+    return "\n".join(lines) + "\n"
+
+
+def _scene(rng: np.random.Generator, scene: str, width: int, height: int) -> np.ndarray:
+    """A textured background, HxWx3 float."""
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    noise = rng.normal(0, 1, (height // 4 + 1, width // 4 + 1, 1)).astype(np.float32)
+    noise = np.kron(noise, np.ones((4, 4, 1), np.float32))[:height, :width]
+    if scene == "sky":
+        img = (1 - y) * np.array([70, 130, 230]) + y * np.array([190, 220, 250]) + 6 * noise
+    elif scene == "grass":
+        img = np.array([50, 140, 50]) + 25 * noise + 15 * np.sin(x * rng.uniform(60, 120))
+    elif scene == "sand":
+        img = np.array([220, 195, 140]) + 12 * noise + 10 * np.sin((x + y) * rng.uniform(10, 30))
+    elif scene == "night":
+        img = np.array([15, 20, 45]) + 5 * noise
+        stars = rng.random((height, width)) > 0.995
+        img = np.where(stars[..., None], 230.0, img)
+    else:  # brick
+        rows = (y * height // 16) % 2
+        mortar = ((y * height) % 16 < 2) | (((x * width) + rows * 16) % 32 < 2)
+        img = np.where(mortar, 190.0, np.array([160, 60, 45]) + 12 * noise)
+    return img + rng.uniform(-20, 20, 3)
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
+    """Vertices of a polygonal shape (None for the round ones, drawn as ellipses)."""
+    def ring_points(n: int, radii: list[float], offset: float = 0.0) -> list[tuple[float, float]]:
+        k = len(radii)
+        return [(cx + radii[i % k] * r * math.cos(angle + offset + 2 * math.pi * i / n),
+                 cy + radii[i % k] * r * math.sin(angle + offset + 2 * math.pi * i / n)) for i in range(n)]
+
+    if shape == "square":
+        return ring_points(4, [1.0], math.pi / 4)
+    if shape == "triangle":
+        return ring_points(3, [1.0], -math.pi / 2)
+    if shape == "star":
+        return ring_points(10, [1.0, 0.45], -math.pi / 2)
+    if shape == "hexagon":
+        return ring_points(6, [1.0])
+    if shape == "diamond":
+        return ring_points(4, [1.0, 0.55])
+    if shape == "cross":
+        a, b = 0.33, 1.0
+        pts = [(a, b), (a, a), (b, a), (b, -a), (a, -a), (a, -b), (-a, -b), (-a, -a), (-b, -a), (-b, a), (-a, a), (-a, b)]
+    elif shape == "arrow":
+        pts = [(-1, -0.3), (0.2, -0.3), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.3), (-1, 0.3)]
+    else:
+        return None
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (px * c - py * s), cy + r * (px * s + py * c)) for px, py in pts]
+
+
+def _draw_object(rng: np.random.Generator, img: np.ndarray, shape: str, colour: str, pattern: str, scale: float) -> None:
+    height, width = img.shape[:2]
+    r = scale * min(width, height) / 2
+    cx, cy = rng.uniform(r * 0.6, width - r * 0.6), rng.uniform(r * 0.6, height - r * 0.6)
+    angle = rng.uniform(0, 2 * math.pi) if shape not in ("circle", "ring") else 0.0
+    mask_img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask_img)
+    polygon = _shape_polygon(shape, cx, cy, r, angle)
+    if polygon is not None:
+        draw.polygon(polygon, fill=255)
+    elif shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        draw.ellipse([cx - r * 0.55, cy - r * 0.55, cx + r * 0.55, cy + r * 0.55], fill=0)
+    else:  # crescent
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        dx = r * 0.45 * math.cos(rng.uniform(0, 2 * math.pi))
+        draw.ellipse([cx - r + dx, cy - r * 0.9, cx + r + dx, cy + r * 0.9], fill=0)
+    # Texture and blend only inside the object's bounding box: most pixels are background.
+    x0, y0 = max(0, int(cx - r) - 1), max(0, int(cy - r) - 1)
+    x1, y1 = min(width, int(cx + r) + 2), min(height, int(cy + r) + 2)
+    mask = np.asarray(mask_img, dtype=np.float32)[y0:y1, x0:x1, None] / 255
+    base = np.array(COLOURS[colour][0], np.float32) + rng.uniform(-25, 25, 3)
+    y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    period = rng.uniform(6, 14)
+    if pattern == "stripes":
+        shade = (np.sin((x * math.cos(angle) + y * math.sin(angle)) * 2 * math.pi / period) > 0)[..., None]
+        fill = np.where(shade, base, base * 0.45 + 120)
+    elif pattern == "dots":
+        dots = ((np.sin(x * 2 * math.pi / period) * np.sin(y * 2 * math.pi / period)) > 0.5)[..., None]
+        fill = np.where(dots, 255 - base, base)
+    elif pattern == "checks":
+        checks = (((x // period) + (y // period)) % 2 == 0)[..., None]
+        fill = np.where(checks, base, base * 0.55)
+    else:
+        fill = base + 20 * (y / height - 0.5)[..., None]  # plain, lit from above
+    region = img[y0:y1, x0:x1]
+    region *= 1 - mask
+    region += mask * fill
+
+
+def _render(rng: np.random.Generator, scene: str, objects: list[tuple[str, str, str, float]]) -> bytes:
+    width, height = (int(v) for v in rng.integers(96, 321, 2))
+    img = _scene(rng, scene, width, height)
+    for shape, colour, pattern, scale in objects:
+        _draw_object(rng, img, shape, colour, pattern, scale)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=int(rng.integers(60, 96)))
+    return buffer.getvalue()
+
+
+def _random_object(rng: np.random.Generator, shape: str | None = None, scale: float | None = None) -> tuple:
+    return (
+        shape or SHAPE_NAMES[rng.choice(len(SHAPES), p=SHAPE_P)],
+        list(COLOURS)[rng.choice(len(COLOURS), p=COLOUR_P)],
+        list(PATTERNS)[rng.integers(len(PATTERNS))],
+        scale or rng.uniform(0.35, 0.8),
+    )
+
+
+def _user_hashtags(rng: np.random.Generator, scene: str, objects: list[tuple]) -> list[str]:
+    """What a user types: visible concepts (often by a synonym), noise, omissions and errors."""
+    def variant(tags: list[str]) -> str:
+        return tags[rng.choice(len(tags), p=_zipf(len(tags), 1.5))]
+
+    tags: list[str] = []
+    for shape, colour, pattern, _ in objects:
+        if rng.random() < 0.85:
+            tags.append(variant(SHAPES[shape]))
+        if rng.random() < 0.5:
+            tags.append(variant(COLOURS[colour][1]))
+        if PATTERNS[pattern] and rng.random() < 0.4:
+            tags.append(variant(PATTERNS[pattern]))
+    if rng.random() < 0.4:
+        tags.append(variant(SCENES[scene]))
+    if rng.random() < 0.1:  # a wrong tag
+        tags.append(SHAPE_NAMES[rng.integers(len(SHAPES))])
+    for _ in range(rng.poisson(1.5)):
+        tags.append(NOISE_TAGS[rng.choice(len(NOISE_TAGS), p=NOISE_P)])
+    tags = list(dict.fromkeys(tags))
+    rng.shuffle(tags)
+    styled = []
+    for tag in tags:  # how people type them
+        roll = rng.random()
+        styled.append(tag.capitalize() if roll < 0.1 else tag.upper() if roll < 0.13 else tag)
+    return styled
+
+
+def _pretrain_item(seed: int, index: int) -> tuple[bytes, dict]:
+    rng = np.random.default_rng([seed, 0, index])
+    scene = list(SCENES)[rng.integers(len(SCENES))]
+    objects = [_random_object(rng)]
+    for _ in range(rng.choice(3, p=[0.6, 0.3, 0.1])):
+        objects.append(_random_object(rng, scale=rng.uniform(0.2, 0.45)))
+    tags = _user_hashtags(rng, scene, objects)
+    path = f"images/{index // 1000:03d}/{index:06d}.jpg"
+    if rng.random() < 0.2:
+        words = CAPTION_WORDS[rng.integers(len(CAPTION_WORDS))]
+        record = {"path": path, "caption": f"{words} " + " ".join(f"#{t}" for t in tags)}
+    else:
+        record = {"path": path, "hashtags": tags}
+    return _render(rng, scene, objects), record
+
+
+def _downstream_item(seed: int, split: str, index: int) -> tuple[bytes, str]:
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2, index])
+    label = DOWNSTREAM_CLASSES[index % len(DOWNSTREAM_CLASSES)]
+    scene = list(SCENES)[rng.integers(len(SCENES))]
+    objects = [_random_object(rng, shape=label, scale=rng.uniform(0.5, 0.85))]
+    if rng.random() < 0.5:  # a small distractor of another shape
+        other = [s for s in SHAPE_NAMES if s != label][rng.integers(len(SHAPES) - 1)]
+        objects.append(_random_object(rng, shape=other, scale=rng.uniform(0.15, 0.3)))
+    return _render(rng, scene, objects), label
+
+
+def _pretrain_chunk(seed: int, out: str, indices: range) -> list[dict]:
+    records = []
+    for index in indices:
+        data, record = _pretrain_item(seed, index)
+        path = Path(out) / "pretrain" / record["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        records.append(record)
+    return records
+
+
+def _downstream_chunk(seed: int, out: str, split: str, indices: range) -> int:
+    for index in indices:
+        data, label = _downstream_item(seed, split, index)
+        path = Path(out) / "downstream" / split / label / f"{split}_{index:06d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return len(indices)
+
+
+def _write_broken_files(out: Path, seed: int) -> list[str]:
+    """Broken inputs of a real scrape; returns their annotation lines."""
+    broken = out / "pretrain" / "images" / "broken"
+    broken.mkdir(parents=True, exist_ok=True)
+    good, _ = _pretrain_item(seed, 10**9)
+    (broken / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (broken / "error_page.jpg").write_bytes(b"<html><body><h1>404 Not Found</h1></body></html>\n")
+    (broken / "empty.jpg").write_bytes(b"")
+    return [
+        json.dumps({"path": "images/broken/truncated.jpg", "hashtags": ["circle", "red"]}),
+        json.dumps({"path": "images/broken/error_page.jpg", "hashtags": ["star"]}),
+        json.dumps({"path": "images/broken/empty.jpg", "hashtags": ["square"]}),
+        json.dumps({"path": "images/broken/missing.jpg", "hashtags": ["ring"]}),
+        '{"path": "images/broken/half-written-line.jpg", "hashtags": ["cro',
+    ]
+
+
+def generate(
+    out: str | Path,
+    num_images: int = 20000,
+    downstream_train_per_class: int = 60,
+    downstream_val_per_class: int = 30,
+    seed: int = 0,
+    workers: int = 1,
+) -> dict:
+    """Write the demo data under `out`; skip if a finished identical one is there."""
+    out = Path(out)
+    params = {
+        "num_images": num_images,
+        "downstream_train_per_class": downstream_train_per_class,
+        "downstream_val_per_class": downstream_val_per_class,
+        "seed": seed,
+        "version": 1,
+    }
+    manifest = out / "demo.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
+        return json.loads(manifest.read_text()) | {"reused": True}
+    out.mkdir(parents=True, exist_ok=True)
+    chunk = 250
+    records: list[dict] = []
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = [pool.submit(_pretrain_chunk, seed, str(out), range(i, min(i + chunk, num_images)))
+                for i in range(0, num_images, chunk)]
+        splits = {"train": downstream_train_per_class, "val": downstream_val_per_class}
+        down_jobs = [pool.submit(_downstream_chunk, seed, str(out), split, range(i, min(i + chunk, n * len(DOWNSTREAM_CLASSES))))
+                     for split, n in splits.items() for i in range(0, n * len(DOWNSTREAM_CLASSES), chunk)]
+        for job in tqdm(jobs, desc="demo pretraining images", unit=f" x{chunk}", dynamic_ncols=True):
+            records += job.result()
+        for job in down_jobs:
+            job.result()
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    broken = _write_broken_files(out, seed)
+    for offset, line in enumerate(broken):  # spread through the file, deterministically
+        lines.insert((offset + 1) * len(lines) // (len(broken) + 1), line)
+    (out / "pretrain" / "annotations.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "synonyms.txt").write_text(synonyms_text(), encoding="utf-8")
+    summary = {
+        "params": params,
+        "pretrain_images": num_images,
+        "broken_entries": len(broken),
+        "annotations": str(out / "pretrain" / "annotations.jsonl"),
+        "downstream": str(out / "downstream"),
+        "downstream_classes": DOWNSTREAM_CLASSES,
+        "synonyms": str(out / "synonyms.txt"),
+    }
+    manifest.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

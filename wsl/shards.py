@@ -1,0 +1,340 @@
+"""The shard format, in one place: how samples are written to and read from tar shards.
+
+A shard is `<prefix>-%06d.tar` (WebDataset layout): per sample `KEY.jpg` (the original
+JPEG bytes; other image formats are re-encoded to JPEG once) and `KEY.json`
+(`{"hashtags": [...as typed...], "source": ..., ...}`). Beside the shards:
+`sizes.json` (shard name -> sample count, OpenCLIP's convention) and `stats.json`
+(samples per shard, hashtag counts, files skipped and why).
+
+Readers only ever decode the image and JSON/text members (`is_sample_member`):
+nothing in a shard is unpickled, whatever its extension.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import io
+import json
+import os
+import tarfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from wsl.errors import WslError
+from wsl.hashtags import canonical_tag, extract_hashtags
+
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSIONS = ("json", "txt", "cls")
+SIZES_FILE = "sizes.json"
+STATS_FILE = "stats.json"
+# Fixed tar member mtime, so the same input always gives byte-identical shards.
+_MTIME = 1_500_000_000
+_MAX_EXAMPLES = 1000  # skipped files listed by name in stats.json
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def is_sample_member(name: str) -> bool:
+    """The tar members a reader may decode: images and JSON/text. Everything else is skipped unread."""
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS + TEXT_EXTENSIONS
+
+
+def sample_image_bytes(sample: dict) -> bytes:
+    """The image member of a sample read from a shard (any of the image extensions)."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise ValueError(f"sample {sample.get('__key__')} has no image member")
+
+
+def sample_hashtags(sample: dict) -> list[str]:
+    """The hashtags of a sample, as typed: the JSON's `hashtags`, else hashtags in its caption."""
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        if isinstance(meta.get("hashtags"), list):
+            return [str(t) for t in meta["hashtags"]]
+        if isinstance(meta.get("caption"), str):
+            return extract_hashtags(meta["caption"])
+    if "txt" in sample:
+        return extract_hashtags(sample["txt"].decode("utf-8", errors="replace"))
+    return []
+
+
+def expand_shard_spec(spec: str | Path | Iterable[str | Path]) -> list[str]:
+    """Shard URLs from paths, directories (their *.tar), brace patterns or remote URLs.
+
+    Several specs may be joined with '::' (webdataset's convention). Local paths must exist.
+    """
+    if isinstance(spec, (str, Path)):
+        specs = [s for s in str(spec).split("::") if s]
+    else:
+        specs = [str(s) for s in spec]
+    urls: list[str] = []
+    for item in specs:
+        if "://" in item or item.startswith("pipe:"):
+            urls += braceexpand.braceexpand(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.tar"))
+            if not found:
+                raise WslError(f"no .tar shards in directory {path}")
+            urls += found
+            continue
+        for expanded in braceexpand.braceexpand(item):
+            if not Path(expanded).is_file():
+                raise WslError(f"shard not found: {expanded}")
+            urls.append(expanded)
+    if not urls:
+        raise WslError(f"empty shard list: {spec!r}")
+    return urls
+
+
+def read_sizes(urls: list[str]) -> dict[str, int] | None:
+    """Sample counts of local shards from the `sizes.json` beside them; None if any is unknown."""
+    sizes: dict[str, int] = {}
+    cache: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        path = Path(url)
+        if "://" in url or url.startswith("pipe:"):
+            return None
+        sizes_file = path.parent / SIZES_FILE
+        if sizes_file not in cache:
+            if not sizes_file.is_file():
+                return None
+            cache[sizes_file] = json.loads(sizes_file.read_text())
+        if path.name not in cache[sizes_file]:
+            return None
+        sizes[url] = int(cache[sizes_file][path.name])
+    return sizes
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@dataclass
+class SourceSample:
+    """One input sample before validation: either a file path or bytes already read."""
+
+    key: str
+    meta: dict
+    path: str | None = None
+    image: bytes | None = None
+    source: str = ""
+
+
+@dataclass
+class ShardResult:
+    name: str
+    samples: int
+    hashtag_counts: collections.Counter = field(default_factory=collections.Counter)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+
+
+def _checked_jpeg(data: bytes) -> tuple[bytes, str | None]:
+    """(JPEG bytes, None) for a good image, or (b"", reason) for a broken one.
+
+    Decoding at 1/8 scale (draft mode) reads every byte of the entropy-coded data, so a
+    truncated file is caught at a fraction of the cost of a full decode.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image_format = image.format
+                image.draft("RGB", (64, 64))
+                image.load()
+                if image_format == "JPEG":
+                    return data, None
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="JPEG", quality=95)
+                return buffer.getvalue(), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
+        return b"", f"decompression bomb: {exn}"
+    except Image.UnidentifiedImageError:
+        return b"", "not an image"
+    except (OSError, SyntaxError, ValueError) as exn:
+        return b"", f"corrupt image: {exn}"
+
+
+def _write_one_shard(path: Path, samples: list[SourceSample]) -> ShardResult:
+    """Validate and write one shard to a temporary name, then rename it into place."""
+    result = ShardResult(name=path.name, samples=0)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_MTIME) as writer:
+        for sample in samples:
+            source = sample.source or sample.path or sample.key
+            if sample.image is None:
+                try:
+                    data = Path(sample.path).read_bytes()
+                except OSError as exn:
+                    result.skipped.append((source, f"unreadable: {exn.strerror or exn}"))
+                    continue
+            else:
+                data = sample.image
+            if not data:
+                result.skipped.append((source, "empty file"))
+                continue
+            jpeg, reason = _checked_jpeg(data)
+            if reason:
+                result.skipped.append((source, reason))
+                continue
+            tags = [str(t) for t in sample.meta.get("hashtags", [])]
+            writer.write({"__key__": sample.key, "jpg": jpeg, "json": json.dumps(sample.meta, ensure_ascii=False).encode()})
+            result.samples += 1
+            result.hashtag_counts.update({canonical_tag(t) for t in tags} - {""})
+    os.replace(tmp, path)
+    return result
+
+
+def _sample_meta(record: dict) -> dict:
+    """The JSON stored with a sample: `hashtags` as typed, plus the input's other fields."""
+    meta = {k: v for k, v in record.items() if k not in ("path", "hashtags")}
+    if isinstance(record.get("hashtags"), list):
+        meta["hashtags"] = [str(t).lstrip("#＃") for t in record["hashtags"]]
+    elif isinstance(record.get("caption"), str):
+        meta["hashtags"] = extract_hashtags(record["caption"])
+    else:
+        meta["hashtags"] = []
+    return meta
+
+
+def read_jsonl(jsonl: Path, images_root: Path | None = None) -> tuple[Iterator[SourceSample], list[tuple[str, str]]]:
+    """Samples of a JSONL annotation file (`{"path", "hashtags"}` or `{"path", "caption"}`).
+
+    Lines that are not JSON objects with a `path` are skipped and recorded in the returned
+    list (filled while the iterator runs), never fatal.
+    """
+    if not jsonl.is_file():
+        raise WslError(f"annotation file not found: {jsonl}")
+    root = images_root or jsonl.parent
+    if not root.is_dir():
+        raise WslError(f"image folder not found: {root}")
+    bad_lines: list[tuple[str, str]] = []
+
+    def samples() -> Iterator[SourceSample]:
+        with open(jsonl, encoding="utf-8") as lines:
+            for line_no, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                where = f"{jsonl}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    bad_lines.append((where, "annotation line is not JSON"))
+                    continue
+                if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                    bad_lines.append((where, "annotation line has no 'path'"))
+                    continue
+                path = root / record["path"]
+                yield SourceSample(key=f"{line_no:09d}", meta=_sample_meta(record), path=str(path), source=record["path"])
+
+    return samples(), bad_lines
+
+
+def read_input_shards(spec: str) -> Iterator[SourceSample]:
+    """Samples of img2dataset-style shards (`key.jpg` + `key.json` and/or `key.txt`)."""
+    urls = expand_shard_spec(spec)
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(select_files=is_sample_member),
+    )
+    for sample in dataset:
+        record = json.loads(sample["json"]) if "json" in sample else {}
+        if "hashtags" not in record and "caption" not in record and "txt" in sample:
+            record["caption"] = sample["txt"].decode("utf-8", errors="replace")
+        key = sample["__key__"].replace(".", "_").replace("/", "_")
+        source = f"{sample['__url__']}:{sample['__key__']}"
+        try:
+            image = sample_image_bytes(sample)
+        except ValueError:
+            image = b""
+        yield SourceSample(key=key, meta=_sample_meta(record), image=image, source=source)
+
+
+def _chunks(samples: Iterable[SourceSample], size: int) -> Iterator[list[SourceSample]]:
+    chunk: list[SourceSample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_shards(
+    samples: Iterable[SourceSample],
+    out_dir: Path,
+    *,
+    prefix: str = "shard",
+    shard_size: int = 1000,
+    workers: int = 1,
+    input_problems: list[tuple[str, str]] | None = None,
+) -> dict:
+    """Write `samples` into shards of at most `shard_size` samples, `workers` shards at a time.
+
+    Broken images are skipped with a reason (a shard holds `shard_size` minus its skips).
+    Returns the stats dict, also written to `stats.json`; `sizes.json` lists every shard.
+    """
+    if shard_size < 1:
+        raise WslError(f"shard_size must be at least 1, got {shard_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{prefix}-*.tar*"):
+        stale.unlink()  # a previous run's shards (or .tmp leftovers of a killed one)
+    started = time.time()
+    results: list[ShardResult] = []
+    in_flight: dict[cf.Future, int] = {}
+    progress = tqdm(desc=f"writing shards to {out_dir}", unit=" shards", dynamic_ncols=True)
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for index, chunk in enumerate(_chunks(samples, shard_size)):
+            in_flight[pool.submit(_write_one_shard, out_dir / shard_name(prefix, index), chunk)] = index
+            while len(in_flight) >= 2 * max(1, workers):
+                done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    in_flight.pop(future)
+                    results.append(future.result())
+                    progress.update()
+        for future in cf.as_completed(in_flight):
+            results.append(future.result())
+            progress.update()
+    progress.close()
+    results.sort(key=lambda r: r.name)
+    skipped = list(input_problems or []) + [s for r in results for s in r.skipped]
+    counts: collections.Counter = collections.Counter()
+    for r in results:
+        counts.update(r.hashtag_counts)
+    sizes = {r.name: r.samples for r in results}
+    stats = {
+        "format_version": FORMAT_VERSION,
+        "samples": sum(sizes.values()),
+        "shards": sizes,
+        "skipped": dict(collections.Counter(reason.split(":")[0] for _, reason in skipped)),
+        "skipped_files": [{"source": s, "reason": r} for s, r in skipped[:_MAX_EXAMPLES]],
+        "distinct_hashtags": len(counts),
+        "top_hashtags": dict(counts.most_common(1000)),
+        "seconds": round(time.time() - started, 1),
+    }
+    (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+    if not sizes:
+        raise WslError("no input samples: nothing was written")
+    return stats
+
+
+def list_members(path: str | Path) -> list[str]:
+    """Member names of a tar shard, in order (what `tar tf` prints)."""
+    with tarfile.open(path) as tar:
+        return tar.getnames()

@@ -1,0 +1,244 @@
+"""The hashtag vocabulary: which hashtags are classes, their synonyms and counts.
+
+Built by streaming the shards' JSON members (`wsl vocab`); saved as a versioned JSON file
+whose `sha256` (over the class list) is how training runs and released checkpoints name
+the vocabulary they used.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from wsl.errors import WslError
+from wsl.hashtags import canonical_tag, load_synonyms, unique_canonical
+from wsl.shards import expand_shard_spec, sample_hashtags
+
+FORMAT = "wsl-vocab"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class VocabClass:
+    tag: str
+    count: int
+    synonyms: tuple[str, ...] = ()
+
+
+class Vocabulary:
+    """Class ids for hashtags. `class_ids` maps an image's hashtags (as typed) to its classes."""
+
+    def __init__(self, classes: list[VocabClass], meta: dict | None = None):
+        if not classes:
+            raise WslError("the vocabulary has no classes (lower min_count or raise top_k)")
+        self.classes = list(classes)
+        self.meta = dict(meta or {})
+        self._lookup: dict[str, int] = {}
+        for index, cls in enumerate(self.classes):
+            for tag in (cls.tag, *cls.synonyms):
+                if self._lookup.setdefault(tag, index) != index:
+                    raise WslError(f"vocabulary tag '{tag}' belongs to two classes")
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @property
+    def tags(self) -> list[str]:
+        return [c.tag for c in self.classes]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return torch.tensor([c.count for c in self.classes], dtype=torch.float64)
+
+    @property
+    def sha256(self) -> str:
+        payload = [[c.tag, c.count, list(c.synonyms)] for c in self.classes]
+        return hashlib.sha256(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:8]
+
+    def class_ids(self, hashtags: list[str]) -> list[int]:
+        """The distinct classes of an image's hashtags, in order of first appearance."""
+        ids: dict[int, None] = {}
+        for tag in hashtags:
+            index = self._lookup.get(canonical_tag(tag))
+            if index is not None:
+                ids.setdefault(index, None)
+        return list(ids)
+
+    def soft_target(self, class_ids: list[int]) -> torch.Tensor:
+        """The paper's target: 1/k on each of the image's k classes, 0 elsewhere."""
+        target = torch.zeros(len(self.classes), dtype=torch.float32)
+        target[class_ids] = 1.0 / len(class_ids)
+        return target
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sha256": self.sha256,
+            "num_classes": len(self.classes),
+            **self.meta,
+            "classes": [
+                {"id": i, "tag": c.tag, "count": c.count, "synonyms": list(c.synonyms)} for i, c in enumerate(self.classes)
+            ],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        path = Path(path)
+        if not path.is_file():
+            raise WslError(f"vocabulary file not found: {path} (build one with `wsl vocab`)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exn:
+            raise WslError(f"{path} is not a vocabulary file: not JSON ({exn})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise WslError(f"{path} is not a vocabulary file (no \"format\": \"{FORMAT}\")")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise WslError(f"{path} has vocabulary format {data['format_version']}; this wsl reads up to {FORMAT_VERSION}")
+        classes = [VocabClass(c["tag"], int(c["count"]), tuple(c.get("synonyms", ()))) for c in data["classes"]]
+        meta = {k: v for k, v in data.items() if k not in ("format", "format_version", "sha256", "num_classes", "classes")}
+        vocab = cls(classes, meta)
+        if data.get("sha256") and data["sha256"] != vocab.sha256:
+            raise WslError(f"{path} was edited after it was built (sha256 mismatch); rebuild it with `wsl vocab`")
+        return vocab
+
+    def check_matches(self, urls: list[str], max_samples: int = 1000) -> float:
+        """Share of the first shard's samples with an in-vocabulary hashtag; error if none has one.
+
+        Catches a vocabulary built for other shards before a long job starts.
+        """
+        dataset = wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples(select_files=_is_meta_member))
+        seen = matched = 0
+        for sample in dataset:
+            seen += 1
+            matched += bool(self.class_ids(sample_hashtags(sample)))
+            if seen >= max_samples:
+                break
+        if seen and not matched:
+            raise WslError(
+                f"vocabulary {self.short_hash} does not match the shards: none of the first {seen} samples "
+                f"of {urls[0]} has a hashtag in it"
+            )
+        return matched / max(seen, 1)
+
+
+def _is_meta_member(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in ("json", "txt")
+
+
+def _count_shard(url: str) -> tuple[collections.Counter, int]:
+    """Per-image counts of canonical hashtags in one shard (images are never read)."""
+    counts: collections.Counter = collections.Counter()
+    samples = 0
+    for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(select_files=_is_meta_member)):
+        counts.update(unique_canonical(sample_hashtags(sample)))
+        samples += 1
+    return counts, samples
+
+
+def count_hashtags(urls: list[str], workers: int = 1) -> tuple[collections.Counter, int]:
+    """Stream every shard's hashtags, `workers` shards at a time: (tag -> images, images)."""
+    total: collections.Counter = collections.Counter()
+    samples = 0
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for counts, n in tqdm(pool.map(_count_shard, urls), total=len(urls), desc="counting hashtags", unit=" shards"):
+            total.update(counts)
+            samples += n
+    return total, samples
+
+
+def imagenet_hashtags() -> list[str]:
+    """The 1,000 ImageNet-1k class names written as hashtags ('great white shark' -> 'greatwhiteshark').
+
+    torchvision ships the names offline. 'Cardigan' (the corgi) and 'cardigan' (the sweater)
+    are one hashtag, so this gives 999 distinct tags.
+    """
+    from torchvision.models import ResNet50_Weights
+
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    return unique_canonical(["".join(ch for ch in name if ch.isalnum()) for name in names])
+
+
+def build_vocab(
+    counts: collections.Counter,
+    *,
+    synonyms: dict[str, list[str]] | None = None,
+    top_k: int | None = None,
+    min_count: int = 1,
+    base_tags: list[str] | None = None,
+    meta: dict | None = None,
+) -> Vocabulary:
+    """Merge synonyms into classes, then keep the `top_k` most frequent with at least `min_count` images.
+
+    `counts` are per-image counts of canonical hashtags. A class's count is the sum over its
+    tags (an image tagged with two synonyms counts twice: an upper bound, as the paper's
+    counts are). With `base_tags` (e.g. the ImageNet-aligned set) only those tags and their
+    synonyms become classes.
+    """
+    synonyms = synonyms or {}
+    owner = {syn: head for head, syns in synonyms.items() for syn in syns}
+    merged: collections.Counter = collections.Counter()
+    members: dict[str, set[str]] = collections.defaultdict(set)
+    for tag, n in counts.items():
+        head = owner.get(tag, tag)
+        merged[head] += n
+        if head != tag:
+            members[head].add(tag)
+    candidates = set(merged) if base_tags is None else {owner.get(t, t) for t in base_tags}
+    ranked = sorted(candidates, key=lambda tag: (-merged[tag], tag))
+    kept = [tag for tag in ranked if merged[tag] >= min_count][:top_k]
+    classes = [VocabClass(tag, merged[tag], tuple(sorted(set(synonyms.get(tag, [])) | members[tag]))) for tag in kept]
+    return Vocabulary(classes, meta)
+
+
+def build_vocab_from_shards(
+    shards: str,
+    *,
+    synonyms_file: str | None = None,
+    top_k: int | None = None,
+    min_count: int = 1,
+    imagenet: bool = False,
+    workers: int = 1,
+) -> Vocabulary:
+    urls = expand_shard_spec(shards)
+    synonyms = load_synonyms(synonyms_file) if synonyms_file else {}
+    counts, samples = count_hashtags(urls, workers)
+    meta = {
+        "built_from": {
+            "shards": shards,
+            "num_shards": len(urls),
+            "samples": samples,
+            "synonyms_file": synonyms_file,
+            "top_k": top_k,
+            "min_count": min_count,
+            "imagenet_aligned": imagenet,
+        }
+    }
+    return build_vocab(
+        counts,
+        synonyms=synonyms,
+        top_k=top_k,
+        min_count=min_count,
+        base_tags=imagenet_hashtags() if imagenet else None,
+        meta=meta,
+    )
