@@ -10,11 +10,13 @@ SHARDS      := $(DATA)/shards/demo
 DEMO_IMAGES ?= 20000
 WORKERS     ?= $(shell nproc)
 PYTEST_ARGS ?=
+CONFIG      ?= configs/pretrain/demo.yaml
+ARGS        ?=
 
 .PHONY: help install test test-fast demo-data shards vocab bench-data pretrain clean
 
 help:
-	@echo "make pretrain    pretrain on the embedded demo data (issue 3)"
+	@echo "make pretrain    pretrain on the embedded demo data (CONFIG=..., ARGS=\"key=value ...\")"
 	@echo "make test        install everything and run the test suite"
 	@echo "make demo-data   generate the demo hashtag images and the downstream set"
 	@echo "make shards      demo data -> WebDataset shards + hashtag vocabulary"
@@ -52,9 +54,7 @@ bench-data: install
 clean:
 	rm -rf $(DATA) bench runs
 
-# Pretraining itself is issue 3. Until it lands this prepares everything it will read and
-# dry-runs the data pipeline, then stops with a non-zero status rather than pretend.
+# The main job: hashtag pretraining on the demo shards. Re-running resumes from the run
+# directory's last.ckpt. `make pretrain CONFIG=configs/pretrain/... ARGS="max_steps=100"`.
 pretrain: shards
-	$(BIN)/wsl check-data --shards $(SHARDS) --vocab $(SHARDS)/vocab.json --batches 20 --image-size 160 --workers $(WORKERS)
-	@echo "make pretrain: the pretraining loop is not built yet (issue 3); shards and vocabulary are in $(SHARDS)" >&2
-	@exit 1
+	$(BIN)/wsl pretrain --config $(CONFIG) $(ARGS)

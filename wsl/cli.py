@@ -105,6 +105,19 @@ def _check_data(args: argparse.Namespace) -> None:
     print(f"skipped or dropped: {json.dumps(loader.skip_counts) if loader.skip_counts else 'none'}")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from wsl.run import load_config, run_pretraining
+
+    result = run_pretraining(load_config(args.config, args.overrides))
+    metrics = result["metrics"]
+    if "val/precision@1" in metrics:
+        print(f"held-out hashtag precision@1: {metrics['val/precision@1']:.3f}  "
+              f"(always predicting the most frequent hashtag: {metrics['val/precision@1_most_frequent']:.3f})")
+    print(f"optimizer steps: {result['global_step']}; checkpoint: {result['checkpoint']}")
+    if result["wandb_dir"]:
+        print(f"W&B offline run: {result['wandb_dir']}  (upload with `wandb sync {result['wandb_dir']}`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
@@ -152,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resample-exponent", type=float, default=0.5, help="0 natural, 0.5 sqrt, 1 uniform (default: %(default)s)")
     p.add_argument("--workers", type=int, default=min(cpus, 8), help="DataLoader workers (default: %(default)s)")
     p.set_defaults(run=_check_data)
+
+    p = sub.add_parser("pretrain", help="hashtag pretraining (Lightning; one CPU to many GPU nodes)",
+                       description="Pretrain on hashtag shards. Config keys: run_dir, model, max_steps, val_every_steps, "
+                       "checkpoint_every_steps, seed, channels_last, data.* (shards, val_shards, vocab, batch_size, "
+                       "num_workers, image_size, resample_exponent, resampled, shuffle_buffer, samples_per_epoch), "
+                       "optim.* (base_lr per 256 images, momentum, nesterov, weight_decay, decay_norm_and_bias, "
+                       "warmup_steps, schedule cosine|step, step_milestones, step_gamma), trainer.* (any "
+                       "pytorch_lightning.Trainer argument: devices, num_nodes, precision, strategy, "
+                       "accumulate_grad_batches, ...), wandb.* (project, mode offline|online|disabled). "
+                       "Re-running in the same run_dir resumes from its last.ckpt.")
+    p.add_argument("--config", help="pretraining YAML (configs/pretrain/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. max_steps=200 data.batch_size=64")
+    p.set_defaults(run=_pretrain)
     return parser
 
 
@@ -162,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         subparser = parser._subparsers._group_actions[0].choices.get(command) if command else None
-        if subparser is not None:
+        if subparser is not None and command != "pretrain":  # pretrain's config is nested YAML
             _config_defaults(subparser, argv)
         args = parser.parse_args(argv)
         args.run(args)

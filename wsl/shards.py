@@ -17,7 +17,6 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import tarfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -49,6 +48,11 @@ def shard_name(prefix: str, index: int) -> str:
 def is_sample_member(name: str) -> bool:
     """The tar members a reader may decode: images and JSON/text. Everything else is skipped unread."""
     return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS + TEXT_EXTENSIONS
+
+
+def is_meta_member(name: str) -> bool:
+    """The members that hold a sample's hashtags: what counting reads, skipping the images."""
+    return name.rsplit(".", 1)[-1].lower() in ("json", "txt")
 
 
 def sample_image_bytes(sample: dict) -> bytes:
@@ -332,9 +336,3 @@ def write_shards(
     if not sizes:
         raise WslError("no input samples: nothing was written")
     return stats
-
-
-def list_members(path: str | Path) -> list[str]:
-    """Member names of a tar shard, in order (what `tar tf` prints)."""
-    with tarfile.open(path) as tar:
-        return tar.getnames()

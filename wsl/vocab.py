@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from wsl.errors import WslError
 from wsl.hashtags import canonical_tag, load_synonyms, unique_canonical
-from wsl.shards import expand_shard_spec, sample_hashtags
+from wsl.shards import expand_shard_spec, is_meta_member, sample_hashtags
 
 FORMAT = "wsl-vocab"
 FORMAT_VERSION = 1
@@ -127,7 +127,7 @@ class Vocabulary:
 
         Catches a vocabulary built for other shards before a long job starts.
         """
-        dataset = wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples(select_files=_is_meta_member))
+        dataset = wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples(select_files=is_meta_member))
         seen = matched = 0
         for sample in dataset:
             seen += 1
@@ -142,15 +142,11 @@ class Vocabulary:
         return matched / max(seen, 1)
 
 
-def _is_meta_member(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in ("json", "txt")
-
-
 def _count_shard(url: str) -> tuple[collections.Counter, int]:
     """Per-image counts of canonical hashtags in one shard (images are never read)."""
     counts: collections.Counter = collections.Counter()
     samples = 0
-    for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(select_files=_is_meta_member)):
+    for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(select_files=is_meta_member)):
         counts.update(unique_canonical(sample_hashtags(sample)))
         samples += 1
     return counts, samples

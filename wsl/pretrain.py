@@ -1,0 +1,173 @@
+"""Hashtag pretraining: a LightningModule for the paper's loss and schedule, and the run driver.
+
+Loss: softmax cross-entropy against the 1/k target (Mahajan et al.). SGD with Nesterov
+momentum 0.9; lr = base_lr x global batch / 256 (linear scaling), linear warm-up, then cosine
+or step decay, stepped per optimizer step. The run stops at `max_steps` optimizer steps, so a
+run killed and resumed from `last.ckpt` takes the same number of steps as one that was not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from wsl.data import EvalDataset, TrainDataConfig, TrainLoader
+from wsl.models import build_model
+from wsl.transforms import EvalTransform
+
+
+@dataclass
+class OptimConfig:
+    """The `optim:` section of a pretraining config."""
+
+    base_lr: float = 0.1  # per 256 images (Goyal et al.'s linear scaling rule)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = False  # weight decay on batch-norm and bias parameters
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # or "step"
+    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])  # fractions of max_steps
+    step_gamma: float = 0.1
+
+
+def lr_factor(step: int, max_steps: int, config: OptimConfig) -> float:
+    """Multiplier of the peak lr at an optimizer step: linear warm-up, then cosine or step decay."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.step_gamma ** sum(step >= m * max_steps for m in config.step_milestones)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The paper's loss: cross-entropy between softmax(logits) and the 1/k target distribution."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+class HashtagPretraining(pl.LightningModule):
+    """ResNeXt + hashtag head, trained with the paper's loss; logs what a user watches."""
+
+    def __init__(self, model: str, num_classes: int, batch_size: int, max_steps: int, optim: dict | None = None,
+                 channels_last: bool = False, vocab_sha256: str = ""):
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim = OptimConfig(**(optim or {}))
+        self.net = build_model(model, num_classes)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.val_precision = torch.nn.ModuleDict({k: MeanMetric() for k in ("p1", "p5", "most_frequent_p1")})
+        self._step_started = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = soft_target_cross_entropy(self(batch["image"]), batch["target"])
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        now = time.perf_counter()
+        if self._step_started is not None:
+            rate = batch_size / (now - self._step_started)
+            self.log("train/images_per_sec_per_device", rate, batch_size=batch_size)
+            self.log("train/images_per_sec", rate * self.trainer.world_size, batch_size=batch_size, prog_bar=True)
+        self._step_started = now
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        positive = batch["target"] > 0
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        self.val_precision["p1"].update(positive.gather(1, top5[:, :1]).float().mean(1))
+        self.val_precision["p5"].update(positive.gather(1, top5).float().mean(1))
+        # The baseline: always predict the most frequent hashtag (class 0 of the vocabulary).
+        self.val_precision["most_frequent_p1"].update(positive[:, 0].float())
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_precision.items():
+            self.log(f"val/precision@1_most_frequent" if name == "most_frequent_p1" else f"val/precision@{name[1]}",
+                     metric.compute(), sync_dist=False)
+            metric.reset()
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.net.named_parameters():
+            (no_decay if param.ndim <= 1 and not self.optim.decay_norm_and_bias else decay).append(param)
+        global_batch = self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        peak_lr = self.optim.base_lr * global_batch / 256
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=peak_lr, momentum=self.optim.momentum, nesterov=self.optim.nesterov,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.hparams.max_steps, self.optim))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class HashtagTargetsCollate:
+    """Eval batches with the 1/k target; images with no in-vocabulary hashtag are left out."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def __call__(self, samples: list[dict]) -> dict:
+        kept = [(s, ids) for s in samples if (ids := self.vocab.class_ids(s["hashtags"].split("\n")))]
+        return {
+            "image": torch.stack([s["image"] for s, _ in kept]) if kept else torch.empty(0, 3, 1, 1),
+            "target": torch.stack([self.vocab.soft_target(ids) for _, ids in kept]) if kept else torch.empty(0, len(self.vocab)),
+            "key": [s["key"] for s, _ in kept],
+        }
+
+
+class HashtagShards(pl.LightningDataModule):
+    """Training stream and held-out shards. Loaders are built in the hooks, in each rank's
+    process after the process group exists, so they see their rank (torchrun, SLURM or
+    Lightning's own launcher alike)."""
+
+    def __init__(self, data: dict, vocab):
+        super().__init__()
+        self.train_config = TrainDataConfig(**{k: v for k, v in data.items() if k not in ("val_shards", "val_batches")})
+        self.val_shards = data.get("val_shards")
+        self.vocab = vocab
+        self.train_loader: TrainLoader | None = None
+
+    def train_dataloader(self) -> TrainLoader:
+        self.train_loader = TrainLoader(self.train_config, self.vocab)
+        return self.train_loader
+
+    def val_dataloader(self):
+        if not self.val_shards:
+            return []
+        size = self.train_config.image_size
+        return torch.utils.data.DataLoader(
+            EvalDataset(self.val_shards, EvalTransform(size, round(size * 256 / 224))),
+            batch_size=self.train_config.batch_size, num_workers=self.train_config.num_workers,
+            collate_fn=HashtagTargetsCollate(self.vocab),
+        )
+
+
+class StreamReseed(pl.Callback):
+    """Re-seeds the training stream by (epoch, step) at each epoch start, resumed runs included,
+    and logs the data pipeline's skip counters."""
+
+    def __init__(self, log_every: int = 50):
+        self.log_every = log_every
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        trainer.datamodule.train_loader.set_epoch(trainer.current_epoch, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.log_every == 0:
+            for reason, count in trainer.datamodule.train_loader.skip_counts.items():
+                module.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)

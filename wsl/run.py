@@ -1,0 +1,116 @@
+"""`wsl pretrain`: build the data, model, loggers and Trainer from a config, resume, report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from wsl.errors import WslError
+from wsl.pretrain import HashtagPretraining, HashtagShards, StreamReseed
+from wsl.vocab import Vocabulary
+
+DEFAULTS = {
+    "run_dir": "runs/pretrain",
+    "model": "resnext101_32x8d",
+    "max_steps": 1000,
+    "val_every_steps": 500,
+    "checkpoint_every_steps": 500,
+    "seed": 0,
+    "channels_last": False,
+    "data": {"val_shards": None, "val_batches": None},
+    "optim": {},
+    "trainer": {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": "auto",
+                "accumulate_grad_batches": 1, "log_every_n_steps": 10},
+    "wandb": {"project": "wsl", "mode": "offline"},
+}
+
+
+def merge(base: dict, override: dict, where: str = "") -> dict:
+    """`override` on top of `base`, recursively; keys `base` does not know are an error."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in out and where not in ("data.", "optim.", "trainer."):  # checked by their classes
+            raise WslError(f"unknown config key '{where}{key}'")
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = merge(out[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | None, overrides: list[str]) -> dict:
+    """The config file over the defaults, then `key.sub=value` overrides (values parsed as YAML)."""
+    config = DEFAULTS
+    if path:
+        if not Path(path).is_file():
+            raise WslError(f"config file not found: {path}")
+        config = merge(config, yaml.safe_load(Path(path).read_text()) or {})
+    for item in overrides:
+        if "=" not in item:
+            raise WslError(f"override '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        nested: dict = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+        config = merge(config, nested)
+    return config
+
+
+def run_pretraining(config: dict) -> dict:
+    run_dir = Path(config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(config["seed"], workers=True, verbose=False)
+    if "vocab" not in config["data"] or "shards" not in config["data"]:
+        raise WslError("the config needs data.shards and data.vocab")
+    vocab = Vocabulary.load(config["data"]["vocab"])
+    trainer_cfg = dict(config["trainer"])
+    gpu = torch.cuda.is_available() and trainer_cfg["accelerator"] in ("auto", "gpu", "cuda")
+    trainer_cfg["precision"] = trainer_cfg["precision"] or ("bf16-mixed" if gpu else "32-true")
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    datamodule = HashtagShards(config["data"], vocab)
+    module = HashtagPretraining(config["model"], len(vocab), datamodule.train_config.batch_size, config["max_steps"], config["optim"],
+                                config["channels_last"], vocab.sha256)
+    id_file = run_dir / "wandb_run_id"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))
+    loggers = [CSVLogger(run_dir, name="", version="")]
+    wandb_cfg = config["wandb"]
+    if wandb_cfg.get("mode") != "disabled":
+        loggers.append(WandbLogger(project=wandb_cfg["project"], save_dir=str(run_dir), id=id_file.read_text().strip(),
+                                   offline=wandb_cfg.get("mode") == "offline", resume="allow",
+                                   config=config | {"vocab_sha256": vocab.sha256}))
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=config["checkpoint_every_steps"], save_top_k=-1, save_last=True)
+    trainer = pl.Trainer(
+        max_steps=config["max_steps"], max_epochs=-1, logger=loggers,
+        callbacks=[checkpoints, StreamReseed()],
+        val_check_interval=config["val_every_steps"], check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        limit_val_batches=config["data"].get("val_batches") or 1.0,
+        default_root_dir=run_dir, **trainer_cfg,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        print(f"resuming from {last}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result = {
+        "global_step": trainer.global_step,
+        "checkpoint": str(last),
+        "metrics": metrics,
+        "wandb_dir": str(next(iter(sorted((run_dir / "wandb").glob("offline-run-*"))), "")) if (run_dir / "wandb").exists() else "",
+    }
+    if trainer.global_rank == 0:
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
