@@ -1,6 +1,12 @@
 """Model registry, loss, schedule, and a real (tiny) Lightning pretraining run with W&B offline."""
 
 import csv
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,8 @@ from wsl.errors import WslError
 from wsl.models import PAPER_MODELS, build_model, count_parameters
 from wsl.pretrain import OptimConfig, lr_factor, soft_target_cross_entropy
 from wsl.run import load_config, run_pretraining
+
+WSL = str(Path(sys.executable).parent / "wsl")
 
 
 def test_registry_builds_the_paper_models_with_the_published_parameter_counts():
@@ -46,7 +54,9 @@ def test_lr_warms_up_linearly_then_decays():
 
 
 @pytest.mark.slow
-def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, tmp_path):
+def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, tmp_path, monkeypatch):
+    secret = "wsl-test-key-" + "0123456789abcdef" * 2
+    monkeypatch.setenv("WANDB_API_KEY", secret)
     overrides = [
         f"run_dir={tmp_path / 'run'}", "model=resnext14_8x4d", "max_steps=4", "val_every_steps=2",
         "checkpoint_every_steps=2", f"data.shards={demo['shards']}", f"data.val_shards={demo['shards']}/demo-000006.tar",
@@ -63,8 +73,75 @@ def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, 
     assert any(row.get("train/loss") for row in logged) and any(row.get("val/precision@1") for row in logged)
     resumed = run_pretraining(load_config("configs/pretrain/demo.yaml", [*overrides, "max_steps=6"]))
     assert resumed["global_step"] == 6
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if secret.encode() in p.read_bytes()], "the API key is never written"
 
 
 def test_unknown_config_key_names_it():
     with pytest.raises(WslError, match="unknown config key 'optimizer'"):
         load_config(None, ["optimizer.lr=0.1"])
+
+
+def _tiny_overrides(demo, run_dir, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}", "model=resnext14_8x4d", f"data.shards={demo['shards']}", f"data.vocab={demo['vocab_path']}",
+        "data.val_shards=null", "data.batch_size=4", "data.num_workers=0", "data.image_size=32",
+        "trainer.enable_progress_bar=false", "wandb.mode=disabled", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_to_the_same_number_of_optimizer_steps(demo, tmp_path):
+    def command(run_dir):
+        return [WSL, "pretrain", "--config", "configs/pretrain/demo.yaml",
+                *_tiny_overrides(demo, run_dir, "max_steps=16", "checkpoint_every_steps=4", "val_every_steps=1000")]
+
+    killed = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "checkpoints" / "step0000008.ckpt").exists():
+        assert killed.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    start = re.search(r"resuming from (\S+)", resumed.stdout)
+    assert start and 8 <= torch.load(start.group(1), weights_only=False)["global_step"] < 16
+    assert "optimizer steps: 16" in resumed.stdout
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    ends = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False) for run in ("killed", "straight")]
+    assert [e["global_step"] for e in ends] == [16, 16]
+    assert [e["lr_schedulers"][0]["last_epoch"] for e in ends] == [16, 16]  # the schedule continued, not restarted
+
+
+DDP_SCRIPT = """
+import json, sys, torch
+import pytorch_lightning as pl
+from wsl.run import load_config, run_pretraining
+
+class SaveWeights(pl.Callback):
+    def on_fit_end(self, trainer, module):
+        params = {k: v.detach().clone() for k, v in module.named_parameters()}
+        torch.save({"params": params, "step": trainer.global_step}, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+
+run_pretraining(load_config("configs/pretrain/demo.yaml", sys.argv[2:]), callbacks=[SaveWeights()])
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_uneven_shards_ends_with_equal_steps_and_identical_weights(demo, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = _tiny_overrides(
+        demo, tmp_path / "run", "max_steps=6", "checkpoint_every_steps=100", "val_every_steps=1000",
+        f"data.shards={demo['shards']}/demo-{{000000..000002}}.tar", "data.resampled=false",  # 2 shards vs 1
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+    )
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), *overrides], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 6
+    assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
+    assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])

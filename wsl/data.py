@@ -207,6 +207,7 @@ class TrainDataConfig:
     batch_size: int = 32
     num_workers: int = 4
     image_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop's area range (torchvision's default)
     resample_exponent: float = 0.5  # 0 natural, 0.5 square-root, 1 uniform per hashtag
     resampled: bool = True  # draw shards with replacement (OpenCLIP's default at scale)
     shuffle_buffer: int = 2000
@@ -244,7 +245,7 @@ class TrainLoader:
             wds.tarfile_to_samples(handler=counter.handler, select_files=is_sample_member),
             HashtagTargets(vocab, config.resample_exponent, self.seed, counter),
             _SeededShuffle(config.shuffle_buffer, self.seed),
-            DecodeAndBatch(vocab, TrainTransform(config.image_size), config.batch_size, counter),
+            DecodeAndBatch(vocab, TrainTransform(config.image_size, tuple(config.crop_scale)), config.batch_size, counter),
         )
         self._worker_counts: dict[int, dict] = {}
 

@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from wsl.data import EvalDataset, TrainDataConfig, TrainLoader
 from wsl.models import build_model
-from wsl.transforms import EvalTransform
+from wsl.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 
 @dataclass
@@ -56,7 +56,7 @@ class HashtagPretraining(pl.LightningModule):
     """ResNeXt + hashtag head, trained with the paper's loss; logs what a user watches."""
 
     def __init__(self, model: str, num_classes: int, batch_size: int, max_steps: int, optim: dict | None = None,
-                 channels_last: bool = False, vocab_sha256: str = ""):
+                 channels_last: bool = False, vocab_sha256: str = "", compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.optim = OptimConfig(**(optim or {}))
@@ -64,8 +64,9 @@ class HashtagPretraining(pl.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        if compile:
+            self.net.compile()  # in place: state-dict keys stay torchvision's
         self.val_precision = torch.nn.ModuleDict({k: MeanMetric() for k in ("p1", "p5", "most_frequent_p1")})
-        self._step_started = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -77,12 +78,6 @@ class HashtagPretraining(pl.LightningModule):
         batch_size = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
-        now = time.perf_counter()
-        if self._step_started is not None:
-            rate = batch_size / (now - self._step_started)
-            self.log("train/images_per_sec_per_device", rate, batch_size=batch_size)
-            self.log("train/images_per_sec", rate * self.trainer.world_size, batch_size=batch_size, prog_bar=True)
-        self._step_started = now
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -157,17 +152,61 @@ class HashtagShards(pl.LightningDataModule):
         )
 
 
-class StreamReseed(pl.Callback):
-    """Re-seeds the training stream by (epoch, step) at each epoch start, resumed runs included,
-    and logs the data pipeline's skip counters."""
+class TrainingMonitor(pl.Callback):
+    """Re-seeds the training stream by (epoch, step) at each epoch start (resumed runs included)
+    and logs what a user watches: images/s overall and per device, the share of step time spent
+    waiting for data, skipped-sample counters, and every `table_every` steps a W&B table of
+    sample images with their hashtags and the model's top-5 predicted hashtags."""
 
-    def __init__(self, log_every: int = 50):
+    def __init__(self, vocab, log_every: int = 10, table_every: int = 500, table_images: int = 8):
+        self.vocab = vocab
         self.log_every = log_every
+        self.table_every = table_every
+        self.table_images = table_images
+        self._last_end: float | None = None
+        self._batch_start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         trainer.datamodule.train_loader.set_epoch(trainer.current_epoch, trainer.global_step)
+        self._last_end = None  # the first batch of an epoch waits for worker start-up
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        size = batch["image"].shape[0]
+        if self._last_end is not None:
+            step_time = now - self._last_end
+            module.log("train/images_per_sec_per_device", size / step_time, batch_size=size)
+            module.log("train/images_per_sec", size * trainer.world_size / step_time, batch_size=size, prog_bar=True)
+            module.log("train/data_wait_share", (self._batch_start - self._last_end) / step_time, batch_size=size)
+        self._last_end = now
         if trainer.global_step % self.log_every == 0:
             for reason, count in trainer.datamodule.train_loader.skip_counts.items():
-                module.log(f"data/skipped_{reason}", float(count), rank_zero_only=True)
+                module.log(f"data/skipped_{reason}", float(count), batch_size=size)
+        if self.table_every and trainer.global_step % self.table_every == 0:
+            self._log_sample_table(trainer, module, batch)
+
+    def _log_sample_table(self, trainer, module, batch) -> None:
+        loggers = [lg for lg in trainer.loggers if lg.__class__.__name__ == "WandbLogger"]
+        if not loggers or trainer.global_rank != 0:
+            return
+        import wandb
+
+        images = batch["image"][: self.table_images]
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            top5 = module(images).float().topk(min(5, len(self.vocab)), dim=1).indices.cpu()
+        module.train(was_training)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        rows = []
+        for image, target, predicted in zip(images.float().cpu(), batch["target"].cpu(), top5):
+            pixels = ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            tags = " ".join(f"#{self.vocab.tags[i]}" for i in target.nonzero().flatten().tolist())
+            guesses = " ".join(f"#{self.vocab.tags[i]}" for i in predicted.tolist())
+            rows.append([wandb.Image(pixels), tags, guesses])
+        loggers[0].log_table("samples", columns=["image", "hashtags", "top-5 predicted"], data=rows,
+                             step=trainer.global_step)

@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from wsl.errors import WslError
-from wsl.pretrain import HashtagPretraining, HashtagShards, StreamReseed
+from wsl.pretrain import HashtagPretraining, HashtagShards, TrainingMonitor
 from wsl.vocab import Vocabulary
 
 DEFAULTS = {
@@ -24,12 +24,13 @@ DEFAULTS = {
     "val_every_steps": 500,
     "checkpoint_every_steps": 500,
     "seed": 0,
-    "channels_last": False,
+    "channels_last": "auto",  # auto: on with a GPU (NHWC + bf16 is faster for ResNeXt there), off on CPU
+    "compile": False,  # torch.compile the network (minutes of compile time; pays off on long GPU runs)
     "data": {"val_shards": None, "val_batches": None},
     "optim": {},
     "trainer": {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": "auto",
                 "accumulate_grad_batches": 1, "log_every_n_steps": 10},
-    "wandb": {"project": "wsl", "mode": "offline"},
+    "wandb": {"project": "wsl", "mode": "offline", "table_every": 500},
 }
 
 
@@ -67,7 +68,17 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
     return config
 
 
-def run_pretraining(config: dict) -> dict:
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run: `checkpoints/*.ckpt` (a kill between the periodic
+    checkpoint and `last.ckpt` leaves the periodic one newer) or the one Lightning writes on a
+    SLURM pre-emption signal (`hpc_ckpt_N.ckpt`). Lightning writes each atomically."""
+    found = [p for p in [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def run_pretraining(config: dict, callbacks: list[pl.Callback] | None = None) -> dict:
+    """Train (or resume) as `config` says; returns the final step, metrics and paths.
+    `callbacks` are added to the Trainer's (yours, e.g. for extra logging)."""
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(config["seed"], workers=True, verbose=False)
@@ -78,10 +89,11 @@ def run_pretraining(config: dict) -> dict:
     gpu = torch.cuda.is_available() and trainer_cfg["accelerator"] in ("auto", "gpu", "cuda")
     trainer_cfg["precision"] = trainer_cfg["precision"] or ("bf16-mixed" if gpu else "32-true")
     if gpu:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    channels_last = gpu if config["channels_last"] == "auto" else bool(config["channels_last"])
     datamodule = HashtagShards(config["data"], vocab)
     module = HashtagPretraining(config["model"], len(vocab), datamodule.train_config.batch_size, config["max_steps"], config["optim"],
-                                config["channels_last"], vocab.sha256)
+                                channels_last, vocab.sha256, config["compile"])
     id_file = run_dir / "wandb_run_id"
     if not id_file.exists():
         id_file.write_text(secrets.token_hex(4))
@@ -95,19 +107,20 @@ def run_pretraining(config: dict) -> dict:
                                   every_n_train_steps=config["checkpoint_every_steps"], save_top_k=-1, save_last=True)
     trainer = pl.Trainer(
         max_steps=config["max_steps"], max_epochs=-1, logger=loggers,
-        callbacks=[checkpoints, StreamReseed()],
+        callbacks=[checkpoints, TrainingMonitor(vocab, table_every=config["wandb"].get("table_every", 500)),
+                   *(callbacks or [])],
         val_check_interval=config["val_every_steps"], check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=config["data"].get("val_batches") or 1.0,
         default_root_dir=run_dir, **trainer_cfg,
     )
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        print(f"resuming from {last}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    resume = resume_checkpoint(run_dir)
+    if resume is not None:
+        print(f"resuming from {resume}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {
         "global_step": trainer.global_step,
-        "checkpoint": str(last),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "metrics": metrics,
         "wandb_dir": str(next(iter(sorted((run_dir / "wandb").glob("offline-run-*"))), "")) if (run_dir / "wandb").exists() else "",
     }
