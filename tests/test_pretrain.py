@@ -1,6 +1,7 @@
 """Model registry, loss, schedule, and a real (tiny) Lightning pretraining run with W&B offline."""
 
 import csv
+import json
 import re
 import signal
 import subprocess
@@ -61,13 +62,18 @@ def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, 
         f"run_dir={tmp_path / 'run'}", "model=resnext14_8x4d", "max_steps=4", "val_every_steps=2",
         "checkpoint_every_steps=2", f"data.shards={demo['shards']}", f"data.val_shards={demo['shards']}/demo-000006.tar",
         f"data.vocab={demo['vocab_path']}", "data.batch_size=4", "data.num_workers=0", "data.image_size=32",
-        "data.val_batches=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+        "data.val_batches=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "wandb.table_every=2",
     ]
     result = run_pretraining(load_config("configs/pretrain/demo.yaml", overrides))
     run = tmp_path / "run"
     assert result["global_step"] == 4 and (run / "checkpoints" / "last.ckpt").is_file()
     assert 0 <= result["metrics"]["val/precision@1"] <= 1
     assert list(run.glob("wandb/offline-run-*/run-*.wandb")), "W&B offline mode writes a real run file"
+    tables = list(run.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))
+    assert tables, "a table of sample images with hashtags and top-5 predictions"
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["image", "hashtags", "top-5 predicted"] and len(table["data"]) == 4
+    assert all(row[1].startswith("#") and len(row[2].split()) == 5 for row in table["data"])
     with open(run / "metrics.csv") as rows:
         logged = list(csv.DictReader(rows))
     assert any(row.get("train/loss") for row in logged) and any(row.get("val/precision@1") for row in logged)

@@ -70,7 +70,7 @@ def _zipf(n: int, s: float = 1.1) -> np.ndarray:
     return p / p.sum()
 
 
-SHAPE_P, COLOUR_P, NOISE_P = _zipf(len(SHAPES)), _zipf(len(COLOURS), 0.8), _zipf(len(NOISE_TAGS), 1.0)
+SHAPE_P, COLOUR_P, NOISE_P = _zipf(len(SHAPES), 0.9), _zipf(len(COLOURS), 0.8), _zipf(len(NOISE_TAGS), 1.0)
 
 
 def synonyms_text() -> str:
@@ -135,7 +135,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
 def _draw_object(rng: np.random.Generator, img: np.ndarray, shape: str, colour: str, pattern: str, scale: float) -> None:
     height, width = img.shape[:2]
     r = scale * min(width, height) / 2
-    cx, cy = rng.uniform(r * 0.6, width - r * 0.6), rng.uniform(r * 0.6, height - r * 0.6)
+    cx, cy = rng.uniform(r * 0.8, width - r * 0.8), rng.uniform(r * 0.8, height - r * 0.8)
     angle = rng.uniform(0, 2 * math.pi) if shape not in ("circle", "ring") else 0.0
     mask_img = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask_img)
@@ -189,7 +189,7 @@ def _random_object(rng: np.random.Generator, shape: str | None = None, scale: fl
         shape or SHAPE_NAMES[rng.choice(len(SHAPES), p=SHAPE_P)],
         list(COLOURS)[rng.choice(len(COLOURS), p=COLOUR_P)],
         list(PATTERNS)[rng.integers(len(PATTERNS))],
-        scale or rng.uniform(0.35, 0.8),
+        scale or rng.uniform(0.5, 0.9),
     )
 
 
@@ -225,8 +225,8 @@ def _pretrain_item(seed: int, index: int) -> tuple[bytes, dict]:
     rng = np.random.default_rng([seed, 0, index])
     scene = list(SCENES)[rng.integers(len(SCENES))]
     objects = [_random_object(rng)]
-    for _ in range(rng.choice(3, p=[0.6, 0.3, 0.1])):
-        objects.append(_random_object(rng, scale=rng.uniform(0.2, 0.45)))
+    for _ in range(rng.choice(3, p=[0.7, 0.25, 0.05])):
+        objects.append(_random_object(rng, scale=rng.uniform(0.2, 0.4)))
     tags = _user_hashtags(rng, scene, objects)
     path = f"images/{index // 1000:03d}/{index:06d}.jpg"
     if rng.random() < 0.2:
@@ -300,7 +300,7 @@ def generate(
         "downstream_train_per_class": downstream_train_per_class,
         "downstream_val_per_class": downstream_val_per_class,
         "seed": seed,
-        "version": 1,
+        "version": 2,
     }
     manifest = out / "demo.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
