@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -151,3 +153,27 @@ def test_two_process_ddp_on_uneven_shards_ends_with_equal_steps_and_identical_we
     assert ranks[0]["step"] == ranks[1]["step"] == 6
     assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
     assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
+
+
+class _RecordKeys(pl.Callback):
+    def __init__(self):
+        self.keys = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.keys.append(list(batch["key"]))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_draws_fresh_samples_instead_of_replaying_its_first_batches(demo, tmp_path):
+    overrides = _tiny_overrides(demo, tmp_path / "a", "max_steps=4", "checkpoint_every_steps=2", "val_every_steps=1000",
+                                "data.num_workers=1")  # the stream is pickled into a worker process
+    straight = _RecordKeys()
+    run_pretraining(load_config("configs/pretrain/demo.yaml", overrides), callbacks=[straight])
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step0000002.ckpt", tmp_path / "b" / "checkpoints")
+    resumed = _RecordKeys()
+    result = run_pretraining(load_config("configs/pretrain/demo.yaml", [*overrides, f"run_dir={tmp_path / 'b'}"]),
+                             callbacks=[resumed])
+    assert result["global_step"] == 4 and len(resumed.keys) == 2
+    assert resumed.keys != straight.keys[:2], "the resumed run replayed the stream's first batches"
+    assert resumed.keys != straight.keys[2:]  # and it is a stream of its own (seeded by step 2)

@@ -139,6 +139,9 @@ class HashtagShards(pl.LightningDataModule):
 
     def train_dataloader(self) -> TrainLoader:
         self.train_loader = TrainLoader(self.train_config, self.vocab)
+        # Lightning creates the first epoch's iterator (and pickles the stream into the
+        # workers) before `on_train_epoch_start`; the restored step is already known here.
+        self.train_loader.set_epoch(self.trainer.current_epoch, self.trainer.global_step)
         return self.train_loader
 
     def val_dataloader(self):
@@ -167,6 +170,7 @@ class TrainingMonitor(pl.Callback):
         self._batch_start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Later epochs' iterators are created after this hook (the first one: see HashtagShards).
         trainer.datamodule.train_loader.set_epoch(trainer.current_epoch, trainer.global_step)
         self._last_end = None  # the first batch of an epoch waits for worker start-up
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -94,13 +95,15 @@ def run_pretraining(config: dict, callbacks: list[pl.Callback] | None = None) ->
     datamodule = HashtagShards(config["data"], vocab)
     module = HashtagPretraining(config["model"], len(vocab), datamodule.train_config.batch_size, config["max_steps"], config["optim"],
                                 channels_last, vocab.sha256, config["compile"])
+    # A fixed W&B run id per run directory: a resumed or requeued job continues the same run.
+    # Only the global rank 0 (before any launcher starts the others) writes it.
     id_file = run_dir / "wandb_run_id"
-    if not id_file.exists():
+    if not id_file.exists() and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
         id_file.write_text(secrets.token_hex(4))
     loggers = [CSVLogger(run_dir, name="", version="")]
     wandb_cfg = config["wandb"]
     if wandb_cfg.get("mode") != "disabled":
-        loggers.append(WandbLogger(project=wandb_cfg["project"], save_dir=str(run_dir), id=id_file.read_text().strip(),
+        loggers.append(WandbLogger(project=wandb_cfg["project"], save_dir=str(run_dir), id=id_file.read_text().strip() if id_file.exists() else None,
                                    offline=wandb_cfg.get("mode") == "offline", resume="allow",
                                    config=config | {"vocab_sha256": vocab.sha256}))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
