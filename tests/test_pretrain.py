@@ -177,3 +177,12 @@ def test_a_resumed_run_draws_fresh_samples_instead_of_replaying_its_first_batche
     assert result["global_step"] == 4 and len(resumed.keys) == 2
     assert resumed.keys != straight.keys[:2], "the resumed run replayed the stream's first batches"
     assert resumed.keys != straight.keys[2:]  # and it is a stream of its own (seeded by step 2)
+
+
+def test_unknown_data_or_optim_keys_are_named_and_a_config_needs_shards_and_vocab():
+    with pytest.raises(WslError, match="unknown config key 'data.batchsize'"):
+        load_config("configs/pretrain/demo.yaml", ["data.batchsize=3"])
+    with pytest.raises(WslError, match="unknown config key 'optim.lr'"):
+        load_config(None, ["optim.lr=0.1"])
+    with pytest.raises(WslError, match="needs data.shards and data.vocab"):
+        run_pretraining(load_config(None, []))

@@ -166,15 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(cpus, 8), help="DataLoader workers (default: %(default)s)")
     p.set_defaults(run=_check_data)
 
+    from wsl.run import describe_config
+
     p = sub.add_parser("pretrain", help="hashtag pretraining (Lightning; one CPU to many GPU nodes)",
-                       description="Pretrain on hashtag shards. Config keys: run_dir, model, max_steps, val_every_steps, "
-                       "checkpoint_every_steps, seed, channels_last, data.* (shards, val_shards, vocab, batch_size, "
-                       "num_workers, image_size, resample_exponent, resampled, shuffle_buffer, samples_per_epoch), "
-                       "optim.* (base_lr per 256 images, momentum, nesterov, weight_decay, decay_norm_and_bias, "
-                       "warmup_steps, schedule cosine|step, step_milestones, step_gamma), trainer.* (any "
-                       "pytorch_lightning.Trainer argument: devices, num_nodes, precision, strategy, "
-                       "accumulate_grad_batches, ...), wandb.* (project, mode offline|online|disabled). "
-                       "Re-running in the same run_dir resumes from its last.ckpt.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pretrain on hashtag shards. Re-running in the same run_dir resumes from its "
+                       "newest checkpoint.\n\nconfig keys (defaults; a config file, then KEY=VALUE, override them):\n"
+                       + describe_config())
     p.add_argument("--config", help="pretraining YAML (configs/pretrain/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. max_steps=200 data.batch_size=64")
     p.set_defaults(run=_pretrain)

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import secrets
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,8 +15,9 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
+from wsl.data import TrainDataConfig
 from wsl.errors import WslError
-from wsl.pretrain import HashtagPretraining, HashtagShards, TrainingMonitor
+from wsl.pretrain import HashtagPretraining, HashtagShards, OptimConfig, TrainingMonitor
 from wsl.vocab import Vocabulary
 
 DEFAULTS = {
@@ -27,19 +29,35 @@ DEFAULTS = {
     "seed": 0,
     "channels_last": "auto",  # auto: on with a GPU (NHWC + bf16 is faster for ResNeXt there), off on CPU
     "compile": False,  # torch.compile the network (minutes of compile time; pays off on long GPU runs)
-    "data": {"val_shards": None, "val_batches": None},
-    "optim": {},
+    "data": {
+        **{f.name: None if f.default is MISSING else f.default for f in fields(TrainDataConfig)},
+        "val_shards": None,  # held-out shards for precision@k
+        "val_batches": None,  # cap on held-out batches per validation
+    },
+    "optim": asdict(OptimConfig()),
     "trainer": {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": "auto",
                 "accumulate_grad_batches": 1, "log_every_n_steps": 10},
     "wandb": {"project": "wsl", "mode": "offline", "table_every": 500},
 }
 
 
+def describe_config() -> str:
+    """Every config key and its default, for `wsl pretrain --help`."""
+    lines = []
+    for key, value in DEFAULTS.items():
+        if isinstance(value, dict):
+            extra = " (and any other pytorch_lightning.Trainer argument)" if key == "trainer" else ""
+            lines.append(f"{key}.*{extra}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            lines.append(f"{key}={value}")
+    return "\n".join(lines)
+
+
 def merge(base: dict, override: dict, where: str = "") -> dict:
     """`override` on top of `base`, recursively; keys `base` does not know are an error."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if key not in out and where not in ("data.", "optim.", "trainer."):  # checked by their classes
+        if key not in out and where != "trainer.":  # the Trainer checks its own arguments
             raise WslError(f"unknown config key '{where}{key}'")
         if isinstance(out.get(key), dict) and isinstance(value, dict):
             out[key] = merge(out[key], value, f"{where}{key}.")
@@ -83,7 +101,7 @@ def run_pretraining(config: dict, callbacks: list[pl.Callback] | None = None) ->
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(config["seed"], workers=True, verbose=False)
-    if "vocab" not in config["data"] or "shards" not in config["data"]:
+    if not config["data"]["vocab"] or not config["data"]["shards"]:
         raise WslError("the config needs data.shards and data.vocab")
     vocab = Vocabulary.load(config["data"]["vocab"])
     trainer_cfg = dict(config["trainer"])
