@@ -81,6 +81,7 @@ def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, 
     assert any(row.get("train/loss") for row in logged) and any(row.get("val/precision@1") for row in logged)
     resumed = run_pretraining(load_config("configs/pretrain/demo.yaml", [*overrides, "max_steps=6"]))
     assert resumed["global_step"] == 6
+    assert resumed["wandb_dir"] == str(max(run.glob("wandb/offline-run-*")))  # the resumed run's own files
     written = [p for p in run.rglob("*") if p.is_file()]
     assert written and not [p for p in written if secret.encode() in p.read_bytes()], "the API key is never written"
 

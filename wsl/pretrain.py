@@ -90,9 +90,9 @@ class HashtagPretraining(pl.LightningModule):
         self.val_precision["most_frequent_p1"].update(positive[:, 0].float())
 
     def on_validation_epoch_end(self) -> None:
+        names = {"p1": "val/precision@1", "p5": "val/precision@5", "most_frequent_p1": "val/precision@1_most_frequent"}
         for name, metric in self.val_precision.items():
-            self.log(f"val/precision@1_most_frequent" if name == "most_frequent_p1" else f"val/precision@{name[1]}",
-                     metric.compute(), sync_dist=False)
+            self.log(names[name], metric.compute())  # MeanMetric.compute() already reduces over ranks
             metric.reset()
 
     def configure_optimizers(self):

@@ -143,7 +143,7 @@ def run_pretraining(config: dict, callbacks: list[pl.Callback] | None = None) ->
         "global_step": trainer.global_step,
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "metrics": metrics,
-        "wandb_dir": str(next(iter(sorted((run_dir / "wandb").glob("offline-run-*"))), "")) if (run_dir / "wandb").exists() else "",
+        "wandb_dir": str(max(run_dir.glob("wandb/offline-run-*"), default="")),  # names sort by start time
     }
     if trainer.global_rank == 0:
         (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
