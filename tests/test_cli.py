@@ -64,3 +64,10 @@ def test_shards_vocab_and_check_data_run_end_to_end_from_the_command_line(demo, 
     result = run("check-data", "--shards", str(out), "--vocab", str(out / "vocab.json"), "--batches", "3",
                  "--batch-size", "8", "--image-size", "64", "--workers", "2")
     assert result.returncode == 0 and "read 24 images" in result.stdout, result.stderr
+
+
+def test_pretrain_help_lists_every_config_key_with_its_default():
+    result = run("pretrain", "--help")
+    assert result.returncode == 0
+    for line in ("data.*: shards=None, vocab=None, batch_size=32", "optim.*: base_lr=0.1", "wandb.*: project=wsl, mode=offline"):
+        assert line in result.stdout, result.stdout

@@ -118,7 +118,8 @@ def _pretrain(args: argparse.Namespace) -> None:
         print(f"W&B offline run: {result['wandb_dir']}  (upload with `wandb sync {result['wandb_dir']}`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `wsl` parser; `command` is the stage asked for, so only its help pays for heavy imports."""
     parser = argparse.ArgumentParser(prog="wsl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     cpus = os.cpu_count() or 1
@@ -166,13 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(cpus, 8), help="DataLoader workers (default: %(default)s)")
     p.set_defaults(run=_check_data)
 
-    from wsl.run import describe_config
+    description = "Pretrain on hashtag shards. Re-running in the same run_dir resumes from its newest checkpoint."
+    if command == "pretrain":  # listing the keys imports Lightning: only when pretraining is asked for
+        from wsl.run import describe_config
 
+        description += "\n\nconfig keys (defaults; a config file, then KEY=VALUE, override them):\n" + describe_config()
     p = sub.add_parser("pretrain", help="hashtag pretraining (Lightning; one CPU to many GPU nodes)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Pretrain on hashtag shards. Re-running in the same run_dir resumes from its "
-                       "newest checkpoint.\n\nconfig keys (defaults; a config file, then KEY=VALUE, override them):\n"
-                       + describe_config())
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=description)
     p.add_argument("--config", help="pretraining YAML (configs/pretrain/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. max_steps=200 data.batch_size=64")
     p.set_defaults(run=_pretrain)
@@ -182,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
     command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     try:
         subparser = parser._subparsers._group_actions[0].choices.get(command) if command else None
         if subparser is not None and command != "pretrain":  # pretrain's config is nested YAML
