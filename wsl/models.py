@@ -33,7 +33,7 @@ def parse_model_name(name: str) -> tuple[list[int], int, int]:
     match = _NAME.match(name)
     if not match or int(match.group(1)) not in STAGE_BLOCKS:
         raise WslError(
-            f"unknown model '{name}': use resnext{{{','.join(map(str, STAGE_BLOCKS))}}}_GxWd, e.g. {', '.join(PAPER_MODELS[:2])}"
+            f"unknown model '{name}': use resnext{{{','.join(map(str, STAGE_BLOCKS))}}}_GxWd, e.g. {', '.join(list_models())}"
         )
     return STAGE_BLOCKS[int(match.group(1))], int(match.group(2)), int(match.group(3))
 

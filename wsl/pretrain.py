@@ -1,9 +1,10 @@
-"""Hashtag pretraining: a LightningModule for the paper's loss and schedule, and the run driver.
+"""Hashtag pretraining: the LightningModule (the paper's loss and schedule), its data module and
+training monitor. `wsl.run` builds the run from a config.
 
 Loss: softmax cross-entropy against the 1/k target (Mahajan et al.). SGD with Nesterov
 momentum 0.9; lr = base_lr x global batch / 256 (linear scaling), linear warm-up, then cosine
 or step decay, stepped per optimizer step. The run stops at `max_steps` optimizer steps, so a
-run killed and resumed from `last.ckpt` takes the same number of steps as one that was not.
+run killed and resumed from its newest checkpoint takes the same number of steps as one that was not.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class HashtagPretraining(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, param in self.net.named_parameters():
+        for param in self.net.parameters():
             (no_decay if param.ndim <= 1 and not self.optim.decay_norm_and_bias else decay).append(param)
         global_batch = self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         peak_lr = self.optim.base_lr * global_batch / 256

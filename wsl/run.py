@@ -68,7 +68,7 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
 
 def load_config(path: str | None, overrides: list[str]) -> dict:
     """The config file over the defaults, then `key.sub=value` overrides (values parsed as YAML)."""
-    config = DEFAULTS
+    config = copy.deepcopy(DEFAULTS)  # never hand out the module's own dict
     if path:
         if not Path(path).is_file():
             raise WslError(f"config file not found: {path}")
@@ -120,18 +120,18 @@ def run_pretraining(config: dict, callbacks: list[pl.Callback] | None = None) ->
         id_file.write_text(secrets.token_hex(4))
     loggers = [CSVLogger(run_dir, name="", version="")]
     wandb_cfg = config["wandb"]
-    if wandb_cfg.get("mode") != "disabled":
+    if wandb_cfg["mode"] != "disabled":
         loggers.append(WandbLogger(project=wandb_cfg["project"], save_dir=str(run_dir), id=id_file.read_text().strip() if id_file.exists() else None,
-                                   offline=wandb_cfg.get("mode") == "offline", resume="allow",
+                                   offline=wandb_cfg["mode"] == "offline", resume="allow",
                                    config=config | {"vocab_sha256": vocab.sha256}))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                                   every_n_train_steps=config["checkpoint_every_steps"], save_top_k=-1, save_last=True)
     trainer = pl.Trainer(
         max_steps=config["max_steps"], max_epochs=-1, logger=loggers,
-        callbacks=[checkpoints, TrainingMonitor(vocab, table_every=config["wandb"].get("table_every", 500)),
+        callbacks=[checkpoints, TrainingMonitor(vocab, table_every=wandb_cfg["table_every"]),
                    *(callbacks or [])],
         val_check_interval=config["val_every_steps"], check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        limit_val_batches=config["data"].get("val_batches") or 1.0,
+        limit_val_batches=config["data"]["val_batches"] or 1.0,
         default_root_dir=run_dir, **trainer_cfg,
     )
     resume = resume_checkpoint(run_dir)
