@@ -12,11 +12,15 @@ WORKERS     ?= $(shell nproc)
 PYTEST_ARGS ?=
 CONFIG      ?= configs/pretrain/demo.yaml
 ARGS        ?=
+FINETUNE_CONFIG ?= configs/finetune/demo.yaml
+FINETUNE_RUN    ?= runs/finetune-demo
+PRETRAINED      := runs/demo/result.json
 
-.PHONY: help install test test-fast demo-data shards vocab bench-data pretrain clean
+.PHONY: help install test test-fast demo-data shards vocab bench-data pretrain finetune clean
 
 help:
 	@echo "make pretrain    pretrain on the embedded demo data (CONFIG=..., ARGS=\"key=value ...\")"
+	@echo "make finetune    fine-tune the pretrained backbone on the demo downstream set, and a random start"
 	@echo "make test        install everything and run the test suite"
 	@echo "make demo-data   generate the demo hashtag images and the downstream set"
 	@echo "make shards      demo data -> WebDataset shards + hashtag vocabulary"
@@ -58,3 +62,14 @@ clean:
 # directory's last.ckpt. `make pretrain CONFIG=configs/pretrain/... ARGS="max_steps=100"`.
 pretrain: shards
 	$(BIN)/wsl pretrain --config $(CONFIG) $(ARGS)
+
+# `make pretrain` writes result.json when it has finished; fine-tuning starts from its checkpoint.
+$(PRETRAINED):
+	$(MAKE) pretrain
+
+# Fine-tune the pretrained backbone, then the same config from a random start, and compare.
+# `make finetune ARGS="epochs=5"`; ImageNet: `wsl finetune --config configs/finetune/imagenet_resnext101_32x8d.yaml`.
+finetune: install $(PRETRAINED)
+	$(BIN)/wsl finetune --config $(FINETUNE_CONFIG) run_dir=$(FINETUNE_RUN) $(ARGS)
+	$(BIN)/wsl finetune --config $(FINETUNE_CONFIG) run_dir=$(FINETUNE_RUN)-random-init weights=null $(ARGS)
+	$(BIN)/wsl compare $(FINETUNE_RUN) $(FINETUNE_RUN)-random-init

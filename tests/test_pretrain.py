@@ -18,7 +18,8 @@ import torchvision
 
 from wsl.errors import WslError
 from wsl.models import PAPER_MODELS, build_model, count_parameters
-from wsl.pretrain import OptimConfig, lr_factor, soft_target_cross_entropy
+from wsl.optim import OptimConfig, lr_factor
+from wsl.pretrain import soft_target_cross_entropy
 from wsl.run import load_config, run_pretraining
 
 WSL = str(Path(sys.executable).parent / "wsl")

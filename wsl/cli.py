@@ -105,17 +105,64 @@ def _check_data(args: argparse.Namespace) -> None:
     print(f"skipped or dropped: {json.dumps(loader.skip_counts) if loader.skip_counts else 'none'}")
 
 
+def _report_run(result: dict, summary: str | None) -> None:
+    """What a finished run prints, once (every DDP process runs the command; rank 0 reports)."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    if summary:
+        print(summary)
+    print(f"optimizer steps: {result['global_step']}; checkpoint: {result['checkpoint']}")
+    if result["wandb_dir"]:
+        print(f"W&B offline run: {result['wandb_dir']}  (upload with `wandb sync {result['wandb_dir']}`)")
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from wsl.run import load_config, run_pretraining
 
     result = run_pretraining(load_config(args.config, args.overrides))
     metrics = result["metrics"]
-    if "val/precision@1" in metrics:
-        print(f"held-out hashtag precision@1: {metrics['val/precision@1']:.3f}  "
-              f"(always predicting the most frequent hashtag: {metrics['val/precision@1_most_frequent']:.3f})")
-    print(f"optimizer steps: {result['global_step']}; checkpoint: {result['checkpoint']}")
-    if result["wandb_dir"]:
-        print(f"W&B offline run: {result['wandb_dir']}  (upload with `wandb sync {result['wandb_dir']}`)")
+    _report_run(result, f"held-out hashtag precision@1: {metrics['val/precision@1']:.3f}  (always predicting the most "
+                        f"frequent hashtag: {metrics['val/precision@1_most_frequent']:.3f})"
+                if "val/precision@1" in metrics else None)
+
+
+def _accuracy(metrics: dict) -> str:
+    return f"val top-1 {100 * metrics['val/top1']:.2f}  top-5 {100 * metrics['val/top5']:.2f}  ({metrics['val/images']:.0f} images"
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from wsl.finetune import DEFAULTS, run_finetuning, run_validation
+    from wsl.run import load_config
+
+    config = load_config(args.config, args.overrides, DEFAULTS)
+    if args.validate:
+        metrics = run_validation(config)["metrics"]
+        if rank_zero_only.rank == 0:
+            print(f"{_accuracy(metrics)} of {config['data']['val']})")
+        return
+    result = run_finetuning(config)
+    metrics = result["metrics"]
+    _report_run(result, f"{_accuracy(metrics)}; start: {config['weights'] or 'random initialisation'})"
+                if "val/top1" in metrics else None)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    results = {}
+    for run_dir in args.runs:
+        path = Path(run_dir) / "result.json"
+        if not path.is_file():
+            raise WslError(f"no result.json in {run_dir}: has the run finished?")
+        results[run_dir] = json.loads(path.read_text())["metrics"]
+    names = sorted({k for metrics in results.values() for k in metrics if k.startswith("val/")})
+    width = max(len(r) for r in results)
+    print(f"{'run':<{width}}  " + "  ".join(f"{n:>12}" for n in names))
+    for run_dir, metrics in results.items():
+        cells = [f"{metrics[n]:>12.4f}" if n in metrics else f"{'-':>12}" for n in names]
+        print(f"{run_dir:<{width}}  " + "  ".join(cells))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -177,6 +224,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="pretraining YAML (configs/pretrain/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. max_steps=200 data.batch_size=64")
     p.set_defaults(run=_pretrain)
+
+    description = ("Fine-tune a backbone on a labelled image set (ImageNet class folders, Kaggle's flat val/ + "
+                   "LOC_val_solution.csv, or key.jpg + key.cls shards). Re-running in the same run_dir resumes.\n"
+                   "--validate: only print val top-1/top-5 of `weights` with its own classifier, e.g.\n"
+                   "  wsl finetune --validate --config configs/finetune/imagenet_resnext101_32x8d.yaml "
+                   "weights=ig_resnext101_32x8-c38310e5.pth")
+    if command == "finetune":
+        from wsl.finetune import DEFAULTS
+        from wsl.run import describe_config
+
+        description += "\n\nconfig keys (defaults; a config file, then KEY=VALUE, override them):\n" + describe_config(DEFAULTS)
+    p = sub.add_parser("finetune", help="fine-tune a pretrained backbone on ImageNet or any labelled image set",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=description)
+    p.add_argument("--config", help="fine-tuning YAML (configs/finetune/*.yaml)")
+    p.add_argument("--validate", action="store_true", help="only validate `weights` (head kept) on data.val")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. epochs=10 weights=path.pth")
+    p.set_defaults(run=_finetune)
+
+    p = sub.add_parser("compare", help="the val metrics of finished runs, side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding result.json")
+    p.set_defaults(run=_compare)
     return parser
 
 
@@ -187,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     try:
         subparser = parser._subparsers._group_actions[0].choices.get(command) if command else None
-        if subparser is not None and command != "pretrain":  # pretrain's config is nested YAML
+        if subparser is not None and command not in ("pretrain", "finetune"):  # their configs are nested YAML
             _config_defaults(subparser, argv)
         args = parser.parse_args(argv)
         args.run(args)

@@ -8,6 +8,13 @@ number of batches per epoch, so DDP never waits on a rank that ran out of shards
 is seeded by (seed, epoch, step, rank, worker): a resumed run draws new samples rather than
 replaying the ones it already saw (webdataset has no exact mid-epoch resume).
 
+The same stream trains a classifier on labelled shards (`key.jpg` + `key.cls`, the layout of
+the public ImageNet-1k WebDataset copies) when it is given no vocabulary.
+
+Labelled image folders (`labelled_images`): ImageNet's class folders, or Kaggle's flat `val/`
+with `LOC_val_solution.csv`; `LabelledImageFolder` is their map-style training set (Lightning's
+DistributedSampler shards it).
+
 Evaluation (`EvalDataset`): shards or an image folder, every sample yielded exactly once
 across all ranks and workers, with its key.
 """
@@ -15,6 +22,7 @@ across all ranks and workers, with its key.
 from __future__ import annotations
 
 import collections
+import csv
 import logging
 import math
 import os
@@ -28,7 +36,7 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from wsl.errors import WslError
 from wsl.shards import expand_shard_spec, is_sample_member, read_sizes, sample_hashtags, sample_image_bytes
@@ -163,6 +171,33 @@ class HashtagTargets(wds.PipelineStage):
             for _ in range(repeats):
                 yield {"__key__": key, "image": image, "class_ids": ids}
 
+    def target(self, sample: dict) -> torch.Tensor:
+        return self.vocab.soft_target(sample["class_ids"])
+
+
+class ClassLabels(wds.PipelineStage):
+    """Sample -> {key, image bytes, label} from a labelled shard's `.cls` member."""
+
+    def __init__(self, num_classes: int, counter: SkipCounter):
+        self.num_classes = num_classes
+        self.counter = counter
+
+    def run(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            key = sample.get("__key__", "")
+            try:
+                label = int(sample["cls"])
+                image = sample_image_bytes(sample)
+            except (KeyError, *DATA_ERRORS) as exn:  # a sample with no label is bad data here
+                self.counter.skip("bad_sample", exn, key)
+                continue
+            if not 0 <= label < self.num_classes:
+                raise WslError(f"sample {key} has label {label}, outside the {self.num_classes} classes: check data.num_classes")
+            yield {"__key__": key, "image": image, "label": label}
+
+    def target(self, sample: dict) -> torch.Tensor:
+        return torch.tensor(sample["label"])
+
 
 class DecodeAndBatch(wds.PipelineStage):
     """Decode + augment each image (skipping corrupt ones), then batch in the worker.
@@ -171,8 +206,8 @@ class DecodeAndBatch(wds.PipelineStage):
     report them without any side channel.
     """
 
-    def __init__(self, vocab: Vocabulary, transform, batch_size: int, counter: SkipCounter):
-        self.vocab = vocab
+    def __init__(self, target, transform, batch_size: int, counter: SkipCounter):
+        self.target = target  # sample -> target tensor (the labelling stage's `target`)
         self.transform = transform
         self.batch_size = batch_size
         self.counter = counter
@@ -185,7 +220,7 @@ class DecodeAndBatch(wds.PipelineStage):
             except DATA_ERRORS as exn:
                 self.counter.skip("corrupt_image", exn, sample["__key__"])
                 continue
-            targets.append(self.vocab.soft_target(sample["class_ids"]))
+            targets.append(self.target(sample))
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
                 yield {
@@ -203,7 +238,8 @@ class TrainDataConfig:
     """The training data section of a config (`data:` in configs/pretrain/*.yaml)."""
 
     shards: str
-    vocab: str
+    vocab: str | None = None  # hashtag vocabulary; None: labelled shards (`.cls`) of `num_classes` classes
+    num_classes: int | None = None
     batch_size: int = 32
     num_workers: int = 4
     image_size: int = 224
@@ -218,14 +254,20 @@ class TrainDataConfig:
 class TrainLoader:
     """The training stream for one rank: `len(self)` batches an epoch on every rank.
 
+    With a vocabulary, batches hold the hashtag targets; without one, the `.cls` labels.
+
     Call `set_epoch(epoch, step)` before iterating (the pretraining loop does) so that each
     epoch, and a resumed run, draws a fresh stream. `skip_counts` sums the workers' counters.
     """
 
-    def __init__(self, config: TrainDataConfig, vocab: Vocabulary, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, config: TrainDataConfig, vocab: Vocabulary | None, rank: int | None = None,
+                 world_size: int | None = None):
         self.config = config
         urls = expand_shard_spec(config.shards)
-        vocab.check_matches(urls)
+        if vocab is not None:
+            vocab.check_matches(urls)
+        elif not config.num_classes:
+            raise WslError("labelled shards need data.num_classes")
         if rank is None or world_size is None:
             rank, world_size = distributed_rank()
         samples = config.samples_per_epoch
@@ -240,12 +282,16 @@ class TrainLoader:
         self.num_batches = max(1, math.ceil(samples / (config.batch_size * world_size)))
         self.seed = StreamSeed(config.seed, rank)
         counter = SkipCounter()
+        if vocab is not None:
+            labelling = HashtagTargets(vocab, config.resample_exponent, self.seed, counter)
+        else:
+            labelling = ClassLabels(config.num_classes, counter)
         self.pipeline = wds.DataPipeline(
             ShardSource(urls, self.seed, config.resampled, world_size),
             wds.tarfile_to_samples(handler=counter.handler, select_files=is_sample_member),
-            HashtagTargets(vocab, config.resample_exponent, self.seed, counter),
+            labelling,
             _SeededShuffle(config.shuffle_buffer, self.seed),
-            DecodeAndBatch(vocab, TrainTransform(config.image_size, tuple(config.crop_scale)), config.batch_size, counter),
+            DecodeAndBatch(labelling.target, TrainTransform(config.image_size, tuple(config.crop_scale)), config.batch_size, counter),
         )
         self._worker_counts: dict[int, dict] = {}
 
@@ -287,28 +333,134 @@ class _SeededShuffle(wds.PipelineStage):
         return wds.shuffle(self.bufsize, initial=self.bufsize // 2, rng=self.seed.rng("shuffle"))(src)
 
 
+LABELS_FILE = "LOC_val_solution.csv"  # Kaggle's ImageNet: labels of the flat val/ folder
+
+
+def read_labels_file(path: Path) -> dict[str, str]:
+    """Image name (no extension) -> class name, from Kaggle's `LOC_val_solution.csv`
+    (`ImageId,PredictionString`; the class is the string's first token) or any `image,class` CSV."""
+    labels = {}
+    with open(path, newline="") as rows:
+        for line, row in enumerate(csv.reader(rows), 1):
+            if line == 1 and row[:1] == ["ImageId"]:
+                continue
+            if len(row) < 2 or not row[1].split():
+                raise WslError(f"{path}:{line}: expected 'image,class ...', got {','.join(row)!r}")
+            labels[Path(row[0]).stem] = row[1].split()[0]
+    return labels
+
+
+def _find_labels_file(folder: Path) -> Path | None:
+    """`LOC_val_solution.csv` in the folder or up to four levels above it, where Kaggle puts it
+    (`<root>/LOC_val_solution.csv` beside `<root>/ILSVRC/Data/CLS-LOC/val/`)."""
+    return next((p / LABELS_FILE for p in [folder, *folder.parents][:5] if (p / LABELS_FILE).is_file()), None)
+
+
+def labelled_images(root: str | Path, classes: list[str] | None = None,
+                    labels_file: str | Path | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(image path, class index)]) of a labelled image folder.
+
+    Class folders (`root/<class>/*.JPEG`, torchvision's ImageFolder layout), or flat images
+    with a labels file (given, or Kaggle's found beside the folder). `classes` (the training
+    set's) fixes the class indices; a folder whose classes differ from them is an error.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise WslError(f"image folder not found: {root}")
+    if any(entry.is_dir() for entry in root.iterdir()):
+        found, _ = find_classes(str(root))
+        if classes is not None and found != list(classes):
+            missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+            raise WslError(f"the classes of {root} differ from training's: {len(missing)} missing {missing[:3]}, "
+                           f"{len(extra)} not in training {extra[:3]}")
+        classes = found
+        items = make_dataset(str(root), {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+    else:
+        labels_path = Path(labels_file) if labels_file else _find_labels_file(root)
+        if labels_path is None or not labels_path.is_file():
+            raise WslError(f"{root} has no class folders and no labels file ({labels_file or LABELS_FILE} not found): "
+                           "set data.val_labels")
+        labels = read_labels_file(labels_path)
+        classes = list(classes) if classes is not None else sorted(set(labels.values()))
+        index = {name: i for i, name in enumerate(classes)}
+        items = []
+        for path in sorted(root.iterdir()):
+            if not has_file_allowed_extension(path.name, IMG_EXTENSIONS):
+                continue
+            name = labels.get(path.stem)
+            if name is None:
+                raise WslError(f"{path.name} has no label in {labels_path}")
+            if name not in index:
+                raise WslError(f"{labels_path}: class '{name}' of {path.name} is not one of training's classes")
+            items.append((str(path), index[name]))
+    if not items:
+        raise WslError(f"no images in {root}")
+    return classes, items
+
+
+def is_image_folder(source: str | Path) -> bool:
+    """A folder of images (not of shards, not a shard spec)."""
+    path = Path(str(source))
+    return path.is_dir() and not any(path.glob("*.tar"))
+
+
+def _image_key(path: str, root: Path) -> str:
+    return str(Path(path).relative_to(root).with_suffix(""))
+
+
+class LabelledImageFolder(torch.utils.data.Dataset):
+    """Map-style training set of a labelled folder: {"key", "image", "label"}, or None for a
+    corrupt image (`collate_labelled` drops and counts it)."""
+
+    def __init__(self, root: str | Path, items: list[tuple[str, int]], transform):
+        self.root = Path(root)
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict | None:
+        path, label = self.items[index]
+        try:
+            return {"key": _image_key(path, self.root), "image": self.transform(Path(path).read_bytes()), "label": label}
+        except DATA_ERRORS as exn:
+            log.warning("skipped corrupt image %s: %s", path, exn)
+            return None
+
+
+def collate_labelled(samples: list[dict | None]) -> dict:
+    """Batch of labelled samples; `skipped` counts the corrupt images left out."""
+    kept = [s for s in samples if s is not None]
+    return {
+        "image": torch.stack([s["image"] for s in kept]) if kept else torch.empty(0, 3, 1, 1),
+        "target": torch.tensor([s["label"] for s in kept], dtype=torch.long),
+        "key": [s["key"] for s in kept],
+        "skipped": len(samples) - len(kept),
+    }
+
+
 class EvalDataset(IterableDataset):
     """Every sample of shards or an image folder exactly once across ranks and workers.
 
-    Yields {"key", "image", "label"}: an image folder's class index; for shards the `.cls`
-    member if present, else -1 and the hashtags (newline-joined) under "hashtags". Shards are
-    divided among the (rank, worker) slots when there are at least as many shards as slots,
-    otherwise every slot reads all shards and keeps every n-th sample. Corrupt images are
-    skipped and logged (so each is counted, by being absent, once).
+    Yields {"key", "image", "label"}: an image folder's class index (see `labelled_images`
+    for the layouts, `classes` and `labels_file`); for shards the `.cls` member if present,
+    else -1 and the hashtags (newline-joined) under "hashtags". Shards are divided among the
+    (rank, worker) slots when there are at least as many shards as slots, otherwise every slot
+    reads all shards and keeps every n-th sample. Corrupt images are skipped and logged (so
+    each is counted, by being absent, once).
     """
 
-    def __init__(self, source: str | Path, transform=None, rank: int | None = None, world_size: int | None = None):
+    def __init__(self, source: str | Path, transform=None, rank: int | None = None, world_size: int | None = None,
+                 classes: list[str] | None = None, labels_file: str | Path | None = None):
         self.transform = transform or EvalTransform()
         if rank is None or world_size is None:
             rank, world_size = distributed_rank()
         self.rank, self.world_size = rank, world_size
         path = Path(str(source))
         self.folder_items: list[tuple[str, int]] | None = None
-        if path.is_dir() and not any(path.glob("*.tar")):
-            self.classes, class_to_idx = find_classes(str(path))
-            self.folder_items = make_dataset(str(path), class_to_idx, extensions=IMG_EXTENSIONS)
-            if not self.folder_items:
-                raise WslError(f"no images in {path}")
+        if is_image_folder(path):
+            self.classes, self.folder_items = labelled_images(path, classes, labels_file)
             self.root = path
         else:
             self.urls = expand_shard_spec(source)
@@ -319,7 +471,7 @@ class EvalDataset(IterableDataset):
         counter = SkipCounter(every=1)
         if self.folder_items is not None:
             for path, label in self.folder_items[slot::slots]:
-                key = str(Path(path).relative_to(self.root).with_suffix(""))
+                key = _image_key(path, self.root)
                 try:
                     yield {"key": key, "image": self.transform(Path(path).read_bytes()), "label": label}
                 except DATA_ERRORS as exn:

@@ -175,7 +175,9 @@ def _draw_object(rng: np.random.Generator, img: np.ndarray, shape: str, colour: 
 
 
 def _render(rng: np.random.Generator, scene: str, objects: list[tuple[str, str, str, float]]) -> bytes:
-    width, height = (int(v) for v in rng.integers(96, 321, 2))
+    # Aspect ratios within 3:4..4:3, as most photos: random-resized and centre crops keep the objects.
+    width = int(rng.integers(96, 321))
+    height = int(np.clip(width * rng.uniform(0.75, 4 / 3), 96, 320))
     img = _scene(rng, scene, width, height)
     for shape, colour, pattern, scale in objects:
         _draw_object(rng, img, shape, colour, pattern, scale)
@@ -300,7 +302,7 @@ def generate(
         "downstream_train_per_class": downstream_train_per_class,
         "downstream_val_per_class": downstream_val_per_class,
         "seed": seed,
-        "version": 2,
+        "version": 3,
     }
     manifest = out / "demo.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:

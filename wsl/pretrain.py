@@ -1,17 +1,15 @@
 """Hashtag pretraining: the LightningModule (the paper's loss and schedule), its data module and
 training monitor. `wsl.run` builds the run from a config.
 
-Loss: softmax cross-entropy against the 1/k target (Mahajan et al.). SGD with Nesterov
-momentum 0.9; lr = base_lr x global batch / 256 (linear scaling), linear warm-up, then cosine
-or step decay, stepped per optimizer step. The run stops at `max_steps` optimizer steps, so a
-run killed and resumed from its newest checkpoint takes the same number of steps as one that was not.
+Loss: softmax cross-entropy against the 1/k target (Mahajan et al.); the optimiser is
+`wsl.optim`'s (SGD, Nesterov momentum 0.9, linear scaling, warm-up, cosine or step). The run
+stops at `max_steps` optimizer steps, so a run killed and resumed from its newest checkpoint
+takes the same number of steps as one that was not.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
 
 import pytorch_lightning as pl
 import torch
@@ -20,32 +18,8 @@ from torchmetrics import MeanMetric
 
 from wsl.data import EvalDataset, TrainDataConfig, TrainLoader
 from wsl.models import build_model
+from wsl.optim import OptimConfig, configure_sgd
 from wsl.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-
-
-@dataclass
-class OptimConfig:
-    """The `optim:` section of a pretraining config."""
-
-    base_lr: float = 0.1  # per 256 images (Goyal et al.'s linear scaling rule)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    decay_norm_and_bias: bool = False  # weight decay on batch-norm and bias parameters
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # or "step"
-    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])  # fractions of max_steps
-    step_gamma: float = 0.1
-
-
-def lr_factor(step: int, max_steps: int, config: OptimConfig) -> float:
-    """Multiplier of the peak lr at an optimizer step: linear warm-up, then cosine or step decay."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "cosine":
-        progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.step_gamma ** sum(step >= m * max_steps for m in config.step_milestones)
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,7 +27,24 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
     return -(target * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
 
-class HashtagPretraining(pl.LightningModule):
+class NetworkModule(pl.LightningModule):
+    """A registry network (`self.net`, torchvision's keys) with the speed switches both stages use."""
+
+    def build_network(self, model: str, num_classes: int, channels_last: bool, compile: bool) -> None:
+        self.net = build_model(model, num_classes)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        if compile:
+            self.net.compile()  # in place: state-dict keys stay torchvision's
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+
+class HashtagPretraining(NetworkModule):
     """ResNeXt + hashtag head, trained with the paper's loss; logs what a user watches."""
 
     def __init__(self, model: str, num_classes: int, batch_size: int, max_steps: int, optim: dict | None = None,
@@ -61,18 +52,8 @@ class HashtagPretraining(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.optim = OptimConfig(**(optim or {}))
-        self.net = build_model(model, num_classes)
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.channels_last = channels_last
-        if compile:
-            self.net.compile()  # in place: state-dict keys stay torchvision's
+        self.build_network(model, num_classes, channels_last, compile)
         self.val_precision = torch.nn.ModuleDict({k: MeanMetric() for k in ("p1", "p5", "most_frequent_p1")})
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = soft_target_cross_entropy(self(batch["image"]), batch["target"])
@@ -97,18 +78,8 @@ class HashtagPretraining(pl.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for param in self.net.parameters():
-            (no_decay if param.ndim <= 1 and not self.optim.decay_norm_and_bias else decay).append(param)
         global_batch = self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        peak_lr = self.optim.base_lr * global_batch / 256
-        optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=peak_lr, momentum=self.optim.momentum, nesterov=self.optim.nesterov,
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, self.hparams.max_steps, self.optim))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return configure_sgd(self.net, self.optim, global_batch, self.hparams.max_steps)
 
 
 class HashtagTargetsCollate:
@@ -157,12 +128,13 @@ class HashtagShards(pl.LightningDataModule):
 
 
 class TrainingMonitor(pl.Callback):
-    """Re-seeds the training stream by (epoch, step) at each epoch start (resumed runs included)
-    and logs what a user watches: images/s overall and per device, the share of step time spent
-    waiting for data, skipped-sample counters, and every `table_every` steps a W&B table of
-    sample images with their hashtags and the model's top-5 predicted hashtags."""
+    """Re-seeds a shard training stream by (epoch, step) at each epoch start (resumed runs
+    included) and logs what a user watches: images/s overall and per device, the share of step
+    time spent waiting for data, skipped-sample counters, and, given the hashtag vocabulary,
+    every `table_every` steps a W&B table of sample images with their hashtags and the model's
+    top-5 predicted hashtags."""
 
-    def __init__(self, vocab, log_every: int = 10, table_every: int = 500, table_images: int = 8):
+    def __init__(self, vocab=None, log_every: int = 10, table_every: int = 500, table_images: int = 8):
         self.vocab = vocab
         self.log_every = log_every
         self.table_every = table_every
@@ -172,7 +144,9 @@ class TrainingMonitor(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         # Later epochs' iterators are created after this hook (the first one: see HashtagShards).
-        trainer.datamodule.train_loader.set_epoch(trainer.current_epoch, trainer.global_step)
+        loader = getattr(trainer.datamodule, "train_loader", None)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(trainer.current_epoch, trainer.global_step)
         self._last_end = None  # the first batch of an epoch waits for worker start-up
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
@@ -188,9 +162,9 @@ class TrainingMonitor(pl.Callback):
             module.log("train/data_wait_share", (self._batch_start - self._last_end) / step_time, batch_size=size)
         self._last_end = now
         if trainer.global_step % self.log_every == 0:
-            for reason, count in trainer.datamodule.train_loader.skip_counts.items():
+            for reason, count in getattr(trainer.datamodule.train_loader, "skip_counts", {}).items():
                 module.log(f"data/skipped_{reason}", float(count), batch_size=size)
-        if self.table_every and trainer.global_step % self.table_every == 0:
+        if self.vocab is not None and self.table_every and trainer.global_step % self.table_every == 0:
             self._log_sample_table(trainer, module, batch)
 
     def _log_sample_table(self, trainer, module, batch) -> None:

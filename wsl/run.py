@@ -1,4 +1,7 @@
-"""`wsl pretrain`: build the data, model, loggers and Trainer from a config, resume, report."""
+"""Running a stage from a config: defaults, YAML + KEY=VALUE overrides, the Trainer with its
+loggers (CSV and W&B, offline by default) and checkpoints, resuming, and the result file.
+Pretraining (`run_pretraining`, here) and fine-tuning (`wsl.finetune`) share all of it.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,13 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from wsl.data import TrainDataConfig
 from wsl.errors import WslError
-from wsl.pretrain import HashtagPretraining, HashtagShards, OptimConfig, TrainingMonitor
+from wsl.optim import OptimConfig
+from wsl.pretrain import HashtagPretraining, HashtagShards, TrainingMonitor
 from wsl.vocab import Vocabulary
+
+TRAINER_DEFAULTS = {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": "auto",
+                    "accumulate_grad_batches": 1, "log_every_n_steps": 10}
+WANDB_DEFAULTS = {"project": "wsl", "mode": "offline"}  # mode: offline (wandb sync later), online, disabled
 
 DEFAULTS = {
     "run_dir": "runs/pretrain",
@@ -30,21 +38,20 @@ DEFAULTS = {
     "channels_last": "auto",  # auto: on with a GPU (NHWC + bf16 is faster for ResNeXt there), off on CPU
     "compile": False,  # torch.compile the network (minutes of compile time; pays off on long GPU runs)
     "data": {
-        **{f.name: None if f.default is MISSING else f.default for f in fields(TrainDataConfig)},
+        **{f.name: None if f.default is MISSING else f.default for f in fields(TrainDataConfig) if f.name != "num_classes"},
         "val_shards": None,  # held-out shards for precision@k
         "val_batches": None,  # cap on held-out batches per validation
     },
     "optim": asdict(OptimConfig()),
-    "trainer": {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": "auto",
-                "accumulate_grad_batches": 1, "log_every_n_steps": 10},
-    "wandb": {"project": "wsl", "mode": "offline", "table_every": 500},
+    "trainer": TRAINER_DEFAULTS,
+    "wandb": {**WANDB_DEFAULTS, "table_every": 500},
 }
 
 
-def describe_config() -> str:
-    """Every config key and its default, for `wsl pretrain --help`."""
+def describe_config(defaults: dict = DEFAULTS) -> str:
+    """Every config key and its default, for a stage's `--help`."""
     lines = []
-    for key, value in DEFAULTS.items():
+    for key, value in defaults.items():
         if isinstance(value, dict):
             extra = " (and any other pytorch_lightning.Trainer argument)" if key == "trainer" else ""
             lines.append(f"{key}.*{extra}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
@@ -66,9 +73,9 @@ def merge(base: dict, override: dict, where: str = "") -> dict:
     return out
 
 
-def load_config(path: str | None, overrides: list[str]) -> dict:
+def load_config(path: str | None, overrides: list[str], defaults: dict = DEFAULTS) -> dict:
     """The config file over the defaults, then `key.sub=value` overrides (values parsed as YAML)."""
-    config = copy.deepcopy(DEFAULTS)  # never hand out the module's own dict
+    config = copy.deepcopy(defaults)  # never hand out the module's own dict
     if path:
         if not Path(path).is_file():
             raise WslError(f"config file not found: {path}")
@@ -95,6 +102,65 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def resolve_hardware(config: dict) -> tuple[dict, bool]:
+    """(Trainer arguments with the precision chosen, channels_last): bf16 and NHWC on a GPU,
+    fp32 and NCHW on a CPU, unless the config says otherwise."""
+    trainer_args = dict(config["trainer"])
+    gpu = torch.cuda.is_available() and trainer_args["accelerator"] in ("auto", "gpu", "cuda")
+    trainer_args["precision"] = trainer_args["precision"] or ("bf16-mixed" if gpu else "32-true")
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    channels_last = gpu if config["channels_last"] == "auto" else bool(config["channels_last"])
+    return trainer_args, channels_last
+
+
+def make_trainer(config: dict, trainer_args: dict, checkpoints: ModelCheckpoint, callbacks: list[pl.Callback],
+                 logged_config: dict, **loop) -> pl.Trainer:
+    """The Trainer of a run: CSV metrics in run_dir/metrics.csv, W&B (offline unless the config
+    says online) under run_dir/wandb with one run id per run directory, so that a resumed or
+    requeued job continues the same W&B run. `loop` holds the stage's own Trainer arguments."""
+    run_dir = Path(config["run_dir"])
+    id_file = run_dir / "wandb_run_id"
+    # Only the global rank 0 (before any launcher starts the others) writes the id.
+    if not id_file.exists() and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+        id_file.write_text(secrets.token_hex(4))
+    loggers = [CSVLogger(run_dir, name="", version="")]
+    wandb_cfg = config["wandb"]
+    if wandb_cfg["mode"] != "disabled":
+        loggers.append(WandbLogger(project=wandb_cfg["project"], save_dir=str(run_dir),
+                                   id=id_file.read_text().strip() if id_file.exists() else None,
+                                   offline=wandb_cfg["mode"] == "offline", resume="allow", config=logged_config))
+    return pl.Trainer(logger=loggers, callbacks=[checkpoints, *callbacks], default_root_dir=run_dir, **loop, **trainer_args)
+
+
+def fit_and_report(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule,
+                   run_dir: Path, extra: dict | None = None) -> dict:
+    """Fit, resuming from the run's newest checkpoint if there is one; write run_dir/result.json
+    (with `extra` in it)."""
+    resume = resume_checkpoint(run_dir)
+    if resume is not None:
+        print(f"resuming from {resume}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()  # close this run's files, so that a next run in the same process starts its own
+    result_file = run_dir / "result.json"
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if not metrics and result_file.is_file():  # re-run of a finished run: nothing trained, keep its numbers
+        metrics = json.loads(result_file.read_text())["metrics"]
+    result = {
+        "global_step": trainer.global_step,
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "metrics": metrics,
+        "wandb_dir": str(max(run_dir.glob("wandb/offline-run-*"), default="")),  # names sort by start time
+        **(extra or {}),
+    }
+    if trainer.global_rank == 0:
+        result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def run_pretraining(config: dict, callbacks: list[pl.Callback] | None = None) -> dict:
     """Train (or resume) as `config` says; returns the final step, metrics and paths.
     `callbacks` are added to the Trainer's (yours, e.g. for extra logging)."""
@@ -104,47 +170,17 @@ def run_pretraining(config: dict, callbacks: list[pl.Callback] | None = None) ->
     if not config["data"]["vocab"] or not config["data"]["shards"]:
         raise WslError("the config needs data.shards and data.vocab")
     vocab = Vocabulary.load(config["data"]["vocab"])
-    trainer_cfg = dict(config["trainer"])
-    gpu = torch.cuda.is_available() and trainer_cfg["accelerator"] in ("auto", "gpu", "cuda")
-    trainer_cfg["precision"] = trainer_cfg["precision"] or ("bf16-mixed" if gpu else "32-true")
-    if gpu:
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    channels_last = gpu if config["channels_last"] == "auto" else bool(config["channels_last"])
+    trainer_args, channels_last = resolve_hardware(config)
     datamodule = HashtagShards(config["data"], vocab)
-    module = HashtagPretraining(config["model"], len(vocab), datamodule.train_config.batch_size, config["max_steps"], config["optim"],
-                                channels_last, vocab.sha256, config["compile"])
-    # A fixed W&B run id per run directory: a resumed or requeued job continues the same run.
-    # Only the global rank 0 (before any launcher starts the others) writes it.
-    id_file = run_dir / "wandb_run_id"
-    if not id_file.exists() and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
-        id_file.write_text(secrets.token_hex(4))
-    loggers = [CSVLogger(run_dir, name="", version="")]
-    wandb_cfg = config["wandb"]
-    if wandb_cfg["mode"] != "disabled":
-        loggers.append(WandbLogger(project=wandb_cfg["project"], save_dir=str(run_dir), id=id_file.read_text().strip() if id_file.exists() else None,
-                                   offline=wandb_cfg["mode"] == "offline", resume="allow",
-                                   config=config | {"vocab_sha256": vocab.sha256}))
+    module = HashtagPretraining(config["model"], len(vocab), datamodule.train_config.batch_size, config["max_steps"],
+                                config["optim"], channels_last, vocab.sha256, config["compile"])
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
                                   every_n_train_steps=config["checkpoint_every_steps"], save_top_k=-1, save_last=True)
-    trainer = pl.Trainer(
-        max_steps=config["max_steps"], max_epochs=-1, logger=loggers,
-        callbacks=[checkpoints, TrainingMonitor(vocab, table_every=wandb_cfg["table_every"]),
-                   *(callbacks or [])],
-        val_check_interval=config["val_every_steps"], check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        limit_val_batches=config["data"]["val_batches"] or 1.0,
-        default_root_dir=run_dir, **trainer_cfg,
+    trainer = make_trainer(
+        config, trainer_args, checkpoints,
+        [TrainingMonitor(vocab, table_every=config["wandb"]["table_every"]), *(callbacks or [])],
+        config | {"vocab_sha256": vocab.sha256},
+        max_steps=config["max_steps"], max_epochs=-1, val_check_interval=config["val_every_steps"],
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, limit_val_batches=config["data"]["val_batches"] or 1.0,
     )
-    resume = resume_checkpoint(run_dir)
-    if resume is not None:
-        print(f"resuming from {resume}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = {
-        "global_step": trainer.global_step,
-        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
-        "metrics": metrics,
-        "wandb_dir": str(max(run_dir.glob("wandb/offline-run-*"), default="")),  # names sort by start time
-    }
-    if trainer.global_rank == 0:
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return fit_and_report(trainer, module, datamodule, run_dir)
