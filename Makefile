@@ -16,15 +16,19 @@ FINETUNE_CONFIG ?= configs/finetune/demo.yaml
 FINETUNE_RUN    ?= runs/finetune-demo
 PRETRAINED      := runs/demo/result.json
 
-.PHONY: help install test test-fast demo-data shards vocab bench-data pretrain finetune clean
+EVAL_CONFIG     ?= configs/eval/demo.yaml
+
+.PHONY: help install test test-fast demo-data shards vocab bench-data bench-knn pretrain finetune eval clean
 
 help:
 	@echo "make pretrain    pretrain on the embedded demo data (CONFIG=..., ARGS=\"key=value ...\")"
 	@echo "make finetune    fine-tune the pretrained backbone on the demo downstream set, and a random start"
+	@echo "make eval        kNN + linear probe of the pretrained backbone and a random one, side by side"
 	@echo "make test        install everything and run the test suite"
 	@echo "make demo-data   generate the demo hashtag images and the downstream set"
 	@echo "make shards      demo data -> WebDataset shards + hashtag vocabulary"
 	@echo "make bench-data  training data pipeline vs. plain Pillow + torchvision"
+	@echo "make bench-knn   FAISS kNN vs. scikit-learn's brute-force KNeighborsClassifier"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +59,9 @@ vocab: install
 bench-data: install
 	$(BIN)/python pipelines/bench_data.py --out bench/data
 
+bench-knn: install
+	$(BIN)/python pipelines/bench_knn.py
+
 clean:
 	rm -rf $(DATA) bench runs
 
@@ -73,3 +80,7 @@ finetune: install $(PRETRAINED)
 	$(BIN)/wsl finetune --config $(FINETUNE_CONFIG) run_dir=$(FINETUNE_RUN) $(ARGS)
 	$(BIN)/wsl finetune --config $(FINETUNE_CONFIG) run_dir=$(FINETUNE_RUN)-random-init weights=null $(ARGS)
 	$(BIN)/wsl compare $(FINETUNE_RUN) $(FINETUNE_RUN)-random-init
+
+# kNN and linear-probe accuracy of the pretrained backbone and of a random initialisation.
+eval: install $(PRETRAINED)
+	$(BIN)/wsl eval --config $(EVAL_CONFIG) $(ARGS)

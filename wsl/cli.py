@@ -150,6 +150,32 @@ def _finetune(args: argparse.Namespace) -> None:
                 if "val/top1" in metrics else None)
 
 
+def _features(args: argparse.Namespace) -> None:
+    from wsl.data import distributed_rank
+    from wsl.features import extract_features, load_features
+
+    out = extract_features(args.source, args.out, args.model, args.weights, labels_file=args.val_labels,
+                           image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
+                           num_workers=args.workers, dtype=args.dtype, unit_size=args.unit_size)
+    if distributed_rank()[0] == 0:
+        try:
+            features = load_features(out)
+            print(f"{len(features.labels)} features of {features.features.shape[1]} dims ({features.meta['backbone']}) in {out}")
+        except WslError as exn:  # other ranks are still writing their parts
+            print(f"this rank's parts are written; {exn}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from wsl.evaluate import DEFAULTS, run_eval
+    from wsl.run import load_config
+
+    report = run_eval(load_config(args.config, args.overrides, DEFAULTS))
+    print(report["table"])
+    print(f"report: {report['report_file']}; neighbour pictures: {', '.join(report['pictures']) or 'none (shards)'}")
+    if report["wandb_dir"]:
+        print(f"W&B offline run: {report['wandb_dir']}  (upload with `wandb sync {report['wandb_dir']}`)")
+
+
 def _compare(args: argparse.Namespace) -> None:
     results = {}
     for run_dir in args.runs:
@@ -242,6 +268,36 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. epochs=10 weights=path.pth")
     p.set_defaults(run=_finetune)
 
+    p = sub.add_parser("features", help="pooled features of a frozen backbone for every image of a dataset (resumable)",
+                       description="Pooled features of a frozen backbone, written in parts under --out. On many GPUs "
+                                   "run one process per GPU (torchrun): each writes its share, every image once. "
+                                   "Re-running finishes an interrupted extraction.")
+    p.add_argument("--config", help="YAML file of option defaults")
+    p.add_argument("--source", required=True, help="image folder (class folders, or flat + labels file) or shards")
+    p.add_argument("--out", required=True, help="features folder (meta.json + part-NNNNNN.npz)")
+    p.add_argument("--model", required=True, help="architecture, e.g. resnext101_32x8d")
+    p.add_argument("--weights", help="checkpoint (.ckpt, .pth, .safetensors); omitted: a random initialisation")
+    p.add_argument("--val-labels", help="labels file of a flat folder (default: LOC_val_solution.csv, found)")
+    p.add_argument("--image-size", type=int, default=224, help="(default: %(default)s)")
+    p.add_argument("--resize", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=min(cpus, 8), help="DataLoader workers (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="(default: %(default)s)")
+    p.add_argument("--unit-size", type=int, default=1024, help="images a part, for folders (default: %(default)s)")
+    p.set_defaults(run=_features)
+
+    description = "kNN (FAISS) and linear-probe accuracy of frozen backbones on a labelled train/val pair."
+    if command == "eval":
+        from wsl.evaluate import DEFAULTS as EVAL_DEFAULTS
+        from wsl.run import describe_config
+
+        description += "\n\nconfig keys (defaults; a config file, then KEY=VALUE, override them):\n" + describe_config(EVAL_DEFAULTS)
+    p = sub.add_parser("eval", help="kNN and linear-probe evaluation of frozen backbones",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=description)
+    p.add_argument("--config", help="evaluation YAML (configs/eval/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. knn.index=ivf linear.epochs=50")
+    p.set_defaults(run=_eval)
+
     p = sub.add_parser("compare", help="the val metrics of finished runs, side by side")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding result.json")
     p.set_defaults(run=_compare)
@@ -255,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     try:
         subparser = parser._subparsers._group_actions[0].choices.get(command) if command else None
-        if subparser is not None and command not in ("pretrain", "finetune"):  # their configs are nested YAML
+        if subparser is not None and command not in ("pretrain", "finetune", "eval"):  # their configs are nested YAML
             _config_defaults(subparser, argv)
         args = parser.parse_args(argv)
         args.run(args)

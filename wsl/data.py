@@ -374,7 +374,10 @@ def labelled_images(root: str | Path, classes: list[str] | None = None,
             raise WslError(f"the classes of {root} differ from training's: {len(missing)} missing {missing[:3]}, "
                            f"{len(extra)} not in training {extra[:3]}")
         classes = found
-        items = make_dataset(str(root), {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+        try:
+            items = make_dataset(str(root), {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as exn:  # a class folder without images
+            raise WslError(f"no images in {root}: {str(exn).splitlines()[0]}") from None
     else:
         labels_path = Path(labels_file) if labels_file else _find_labels_file(root)
         if labels_path is None or not labels_path.is_file():

@@ -27,6 +27,7 @@ from wsl.vocab import Vocabulary
 TRAINER_DEFAULTS = {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "precision": None, "strategy": "auto",
                     "accumulate_grad_batches": 1, "log_every_n_steps": 10}
 WANDB_DEFAULTS = {"project": "wsl", "mode": "offline"}  # mode: offline (wandb sync later), online, disabled
+FREE_FORM = {"backbones"}  # config mappings whose keys are the user's names, not options
 
 DEFAULTS = {
     "run_dir": "runs/pretrain",
@@ -61,12 +62,14 @@ def describe_config(defaults: dict = DEFAULTS) -> str:
 
 
 def merge(base: dict, override: dict, where: str = "") -> dict:
-    """`override` on top of `base`, recursively; keys `base` does not know are an error."""
+    """`override` on top of `base`, recursively; keys `base` does not know are an error, except
+    in `trainer` (the Trainer checks its own arguments). A free-form mapping (eval's
+    `backbones`: name -> weights) is replaced whole."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if key not in out and where != "trainer.":  # the Trainer checks its own arguments
+        if key not in out and where != "trainer.":
             raise WslError(f"unknown config key '{where}{key}'")
-        if isinstance(out.get(key), dict) and isinstance(value, dict):
+        if isinstance(out.get(key), dict) and isinstance(value, dict) and f"{where}{key}" not in FREE_FORM:
             out[key] = merge(out[key], value, f"{where}{key}.")
         else:
             out[key] = value
@@ -129,7 +132,8 @@ def make_trainer(config: dict, trainer_args: dict, checkpoints: ModelCheckpoint,
     if wandb_cfg["mode"] != "disabled":
         loggers.append(WandbLogger(project=wandb_cfg["project"], save_dir=str(run_dir),
                                    id=id_file.read_text().strip() if id_file.exists() else None,
-                                   offline=wandb_cfg["mode"] == "offline", resume="allow", config=logged_config))
+                                   offline=wandb_cfg["mode"] == "offline", mode=wandb_cfg["mode"],  # explicit: wandb
+                                   resume="allow", config=logged_config))  # caches its settings at the first init
     return pl.Trainer(logger=loggers, callbacks=[checkpoints, *callbacks], default_root_dir=run_dir, **loop, **trainer_args)
 
 

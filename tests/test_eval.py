@@ -1,0 +1,154 @@
+"""Evaluation: FAISS kNN and the weighted vote against independent references, the linear probe
+against scikit-learn, exactly-once resumable feature extraction, the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import NearestNeighbors
+
+from conftest import jpeg_bytes
+from wsl.errors import WslError
+from wsl.evaluate import DEFAULTS as EVAL_DEFAULTS
+from wsl.evaluate import run_eval
+from wsl.features import extract_features, load_features
+from wsl.knn import knn_classify, l2_normalise, search, weighted_vote
+from wsl.linear_probe import linear_probe
+from wsl.models import build_model
+from wsl.run import load_config
+
+WSL = str(Path(sys.executable).parent / "wsl")
+REPO = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_faiss_neighbours_equal_scikit_learns_brute_force_cosine_neighbours(index):
+    rng = np.random.default_rng(0)
+    database, queries = rng.normal(size=(2000, 64)), rng.normal(size=(37, 64))
+    # small blocks, so the exact search merges results over 5 database blocks and 2 query blocks
+    options = {"database_block": 450, "query_block": 20} if index == "flat" else {"nlist": 16, "nprobe": 16}
+    similarities, ids = search(l2_normalise(database), l2_normalise(queries), 20, index=index, **options)
+    distances, expected = NearestNeighbors(n_neighbors=20, metric="cosine", algorithm="brute").fit(database).kneighbors(queries)
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_allclose(similarities, 1 - distances, atol=1e-5)
+
+
+def test_weighted_vote_equals_a_plain_numpy_implementation_of_the_formula():
+    rng = np.random.default_rng(1)
+    similarities = np.sort(rng.uniform(-1, 1, (25, 10)), axis=1)[:, ::-1]
+    labels = rng.integers(0, 7, (25, 10))
+    expected = np.zeros((25, 7))
+    for query in range(25):
+        for neighbour in range(10):
+            expected[query, labels[query, neighbour]] += np.exp(similarities[query, neighbour] / 0.07)
+    np.testing.assert_allclose(weighted_vote(similarities, labels, 7, 0.07), expected, rtol=1e-12)
+
+
+def test_knn_on_clustered_features_finds_the_clusters_and_skips_k_beyond_the_database():
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(4, 32)) * 3
+    train_labels, val_labels = rng.integers(0, 4, 150), rng.integers(0, 4, 40)
+    train, val = centres[train_labels] + rng.normal(size=(150, 32)), centres[val_labels] + rng.normal(size=(40, 32))
+    results, ids = knn_classify(train, train_labels, val, val_labels, 4, ks=(10, 20, 200))
+    assert set(results) == {10, 20} and ids.shape == (40, 20)
+    assert results[20]["top1"] > 0.95 and results[20]["top5"] == 1.0
+
+
+def test_linear_probe_is_within_one_point_of_scikit_learns_logistic_regression():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(5, 40)) * 0.6  # nearly separable, but not so far apart that both are at 100%
+    y_train, y_val = rng.integers(0, 5, 1000), rng.integers(0, 5, 1000)
+    x_train, x_val = centres[y_train] + rng.normal(size=(1000, 40)), centres[y_val] + rng.normal(size=(1000, 40))
+    ours = linear_probe(x_train, y_train, x_val, y_val, 5, epochs=60)
+    reference = LogisticRegression(max_iter=2000).fit(x_train, y_train).score(x_val, y_val)
+    assert 0.9 < reference < 0.995
+    assert abs(ours["top1"] - reference) <= 0.01, (ours, reference)
+    assert len(ours["holdout_top1"]) == 9 and ours["top5"] >= ours["top1"]
+
+
+def _image_folder(root: Path, counts: dict[str, int]) -> Path:
+    for c, (name, count) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            (root / name / f"{name}_{i:03d}.JPEG").write_bytes(jpeg_bytes(40, 36, seed=100 * c + i))
+    return root
+
+
+def test_two_process_extraction_over_an_odd_number_of_images_writes_each_once_and_resumes(tmp_path):
+    folder = _image_folder(tmp_path / "images", {"a": 6, "b": 4, "c": 3})  # 13 images
+    out = tmp_path / "features"
+    command = [WSL, "features", "--source", str(folder), "--out", str(out), "--model", "resnext14_8x4d",
+               "--image-size", "32", "--resize", "36", "--batch-size", "2", "--workers", "1", "--unit-size", "2"]
+    ranks = [subprocess.Popen(command, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for rank in ranks:
+        _, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0, err[-2000:]
+    features = load_features(out)
+    assert sorted(features.keys) == sorted(f"{c}/{c}_{i:03d}" for c, n in {"a": 6, "b": 4, "c": 3}.items() for i in range(n))
+    assert features.features.shape == (13, 2048) and list(np.bincount(features.labels)) == [6, 4, 3]
+    # a killed extraction: one part lost; the re-run writes only that part, identical to before
+    parts = sorted(out.glob("part-*.npz"))
+    assert len(parts) == 7
+    kept = {p.name: p.stat().st_mtime_ns for p in parts[1:]}
+    lost = np.load(parts[0])["features"].copy()
+    parts[0].unlink()
+    extract_features(str(folder), out, "resnext14_8x4d", None, image_size=32, resize=36, batch_size=2, num_workers=0,
+                     unit_size=2, rank=0, world_size=1, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.npz"))[1:]} == kept
+    np.testing.assert_array_equal(np.load(parts[0])["features"], lost)
+
+
+def test_mixed_backbones_different_class_lists_and_an_empty_dataset_are_one_clear_error(tmp_path):
+    folder = _image_folder(tmp_path / "images", {"a": 2, "b": 2})
+    options = dict(image_size=32, resize=36, batch_size=2, num_workers=0, unit_size=2, rank=0, world_size=1, progress=False)
+    weights = tmp_path / "other.pth"
+    torch.save(build_model("resnext14_8x4d", 3).state_dict(), weights)
+    random_init = extract_features(str(folder), tmp_path / "random", "resnext14_8x4d", None, **options)
+    trained = extract_features(str(folder), tmp_path / "trained", "resnext14_8x4d", str(weights), **options)
+    shutil.copy(trained / "part-000001.npz", random_init / "part-000001.npz")
+    with pytest.raises(WslError, match="features from two backbones cannot be mixed"):
+        load_features(random_init)
+    other_classes = _image_folder(tmp_path / "other", {"a": 2, "z": 2})
+    config = load_config(None, [f"run_dir={tmp_path / 'eval'}", "model=resnext14_8x4d", "backbones={random: null}",
+                                f"data.train={folder}", f"data.val={other_classes}", "data.image_size=32", "data.resize=36",
+                                "data.num_workers=0", "wandb.mode=disabled"], EVAL_DEFAULTS)
+    with pytest.raises(WslError, match="classes of .* differ from training's"):
+        run_eval(config)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    result = subprocess.run([WSL, "features", "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "f"),
+                             "--model", "resnext14_8x4d"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "wsl features: error: no images in" in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_reports_both_backbones_with_json_picture_and_wandb_offline_run(demo, tmp_path):
+    weights = tmp_path / "trained.pth"
+    torch.save(build_model("resnext14_8x4d", 5).state_dict(), weights)
+    downstream = demo["summary"]["downstream"]
+    config = load_config("configs/eval/demo.yaml", [
+        f"run_dir={tmp_path / 'eval'}", f"backbones={{trained: {weights}, random-init: null}}",
+        f"data.train={downstream}/train", f"data.val={downstream}/val", "data.image_size=32", "data.resize=36",
+        "data.num_workers=0", "linear.epochs=5", "linear.lrs=[0.01]",
+    ], EVAL_DEFAULTS)
+    report = run_eval(config)
+    saved = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(saved["results"]) == {"trained", "random-init"}
+    for result in saved["results"].values():
+        assert result["train_images"] == 40 and result["val_images"] == 30
+        assert set(result["knn"]) == {"10", "20"}  # k = 100, 200 exceed the 40 train images
+        assert 0 <= result["linear"]["top1"] <= 1 and Path(result["picture"]).is_file()
+    assert saved["results"]["trained"]["backbone"] != saved["results"]["random-init"]["backbone"]
+    assert "trained" in report["table"] and "random-init" in report["table"]
+    assert list((tmp_path / "eval").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(list((tmp_path / "eval").glob("wandb/offline-run-*/files/media/images/*/*.png"))) == 2  # the pictures

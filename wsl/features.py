@@ -1,0 +1,206 @@
+"""Frozen-backbone features on disk: every image of a dataset once, in resumable parts.
+
+A dataset (image folder or shards) is cut into units: one per shard, or blocks of
+`unit_size` images of a folder. Unit u belongs to rank u % world_size; within a rank the
+DataLoader workers share its units. Each unit is written when complete as
+`part-NNNNNN.npz` (features, labels, keys, the backbone's id), through a temporary file and
+a rename, so an interrupted extraction re-run skips the parts that exist and never holds a
+half part. `meta.json` says how many parts make the whole; `load_features` refuses an
+incomplete set or parts from two different backbones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from wsl.checkpoints import file_sha256, load_weights
+from wsl.data import (DATA_ERRORS, SkipCounter, dataloader_worker, distributed_rank, is_image_folder, labelled_images)
+from wsl.errors import WslError
+from wsl.models import build_model
+from wsl.shards import expand_shard_spec, is_sample_member, sample_image_bytes
+from wsl.transforms import EvalTransform
+
+FORMAT = "wsl-features-1"
+
+
+def backbone_id(model: str, weights: str | None, seed: int = 0) -> str:
+    """What identifies a backbone's features: the architecture and the weights file's SHA-256
+    (or the seed of a random initialisation)."""
+    return f"{model}:{file_sha256(Path(weights))[:16] if weights else f'random-init-seed{seed}'}"
+
+
+def frozen_backbone(model: str, weights: str | None, seed: int = 0) -> tuple[torch.nn.Module, str]:
+    """The network without its classifier (pooled 2048-d features), in eval mode, and a report line."""
+    torch.manual_seed(seed)
+    net = build_model(model, num_classes=1)
+    report = load_weights(net, weights, model, head="new") if weights else f"random initialisation (seed {seed})"
+    net.fc = torch.nn.Identity()
+    return net.eval().requires_grad_(False), report
+
+
+@dataclass
+class _Unit:
+    index: int
+    items: list[tuple[str, int]] | None = None  # folder: (path, label)
+    url: str | None = None  # shards: one shard
+
+
+class _UnitImages(IterableDataset):
+    """This rank's unfinished units, split among workers; yields one batch at a time with its unit
+    and a flag on the unit's last batch. Corrupt images are skipped and counted."""
+
+    def __init__(self, units: list[_Unit], root: Path | None, transform, batch_size: int):
+        self.units, self.root, self.transform, self.batch_size = units, root, transform, batch_size
+
+    def _samples(self, unit: _Unit) -> Iterator[tuple[str, bytes | None, int]]:
+        if unit.items is not None:
+            for path, label in unit.items:
+                yield str(Path(path).relative_to(self.root).with_suffix("")), path, label
+            return
+        for sample in wds.DataPipeline(wds.SimpleShardList([unit.url]), wds.tarfile_to_samples(select_files=is_sample_member)):
+            yield sample["__key__"], sample, int(sample["cls"]) if "cls" in sample else -1
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = dataloader_worker()
+        counter = SkipCounter(every=100)
+        for unit in self.units[worker::workers]:
+            images, keys, labels = [], [], []
+            for key, source, label in self._samples(unit):
+                try:
+                    data = Path(source).read_bytes() if isinstance(source, str) else sample_image_bytes(source)
+                    images.append(self.transform(data))
+                except DATA_ERRORS as exn:
+                    counter.skip("corrupt_image", exn, key)
+                    continue
+                keys.append(key)
+                labels.append(label)
+                if len(images) == self.batch_size:
+                    yield {"unit": unit.index, "image": torch.stack(images), "key": keys, "label": labels, "last": False}
+                    images, keys, labels = [], [], []
+            yield {"unit": unit.index, "image": torch.stack(images) if images else torch.empty(0, 3, 1, 1),
+                   "key": keys, "label": labels, "last": True, "skipped": counter.counts["corrupt_image"]}
+
+
+def _units(source: str, classes: list[str] | None, labels_file: str | None, unit_size: int) -> tuple[list[_Unit], list[str] | None, Path | None]:
+    if is_image_folder(source):
+        classes, items = labelled_images(source, classes, labels_file)
+        blocks = range(0, len(items), unit_size)
+        return [_Unit(i, items=items[start:start + unit_size]) for i, start in enumerate(blocks)], classes, Path(source)
+    urls = expand_shard_spec(source)
+    return [_Unit(i, url=url) for i, url in enumerate(urls)], classes, None
+
+
+def extract_features(source: str, out: str | Path, model: str, weights: str | None, *, classes: list[str] | None = None,
+                     labels_file: str | None = None, image_size: int = 224, resize: int = 256, batch_size: int = 64,
+                     num_workers: int = 4, dtype: str = "float16", unit_size: int = 1024, seed: int = 0,
+                     rank: int | None = None, world_size: int | None = None, progress: bool = True) -> Path:
+    """Write the features of every image of `source` under `out` (this rank's share); returns `out`."""
+    if dtype not in ("float16", "float32"):
+        raise WslError(f"features dtype must be float16 or float32, not {dtype}")
+    if rank is None or world_size is None:
+        rank, world_size = distributed_rank()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    units, classes, root = _units(source, classes, labels_file, unit_size)
+    if not units:
+        raise WslError(f"no images in {source}")
+    ident = backbone_id(model, weights, seed)
+    meta = {"format": FORMAT, "backbone": ident, "model": model, "weights": weights, "source": str(source),
+            "classes": classes, "parts": len(units), "dtype": dtype, "image_size": image_size, "resize": resize}
+    meta_file = out / "meta.json"
+    if meta_file.is_file():
+        previous = json.loads(meta_file.read_text())
+        if previous.get("backbone") != ident or previous.get("source") != str(source):
+            raise WslError(f"{out} holds features of {previous.get('backbone')} on {previous.get('source')}, "
+                           f"not {ident} on {source}: use another folder")
+    elif rank == 0:
+        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    todo = [u for u in units[rank::world_size] if not (out / f"part-{u.index:06d}.npz").is_file()]
+    if not todo:
+        return out
+    net, report = frozen_backbone(model, weights, seed)
+    # one process per GPU (torchrun sets LOCAL_RANK)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    net = net.to(device)
+    loader = torch.utils.data.DataLoader(_UnitImages(todo, root, EvalTransform(image_size, resize), batch_size),
+                                         batch_size=None, num_workers=min(num_workers, len(todo)),
+                                         pin_memory=device.type == "cuda")
+    pending: dict[int, dict[str, list]] = {}
+    images_done, started = 0, time.time()
+    total = sum(len(u.items) for u in todo) if root is not None else None
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc=f"features {Path(str(source)).name} (rank {rank}/{world_size})")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            part = pending.setdefault(batch["unit"], {"features": [], "label": [], "key": []})
+            if len(batch["key"]):
+                features = net(batch["image"].to(device, non_blocking=True)).float().cpu().numpy()
+                part["features"].append(features.astype(dtype))
+                part["label"] += batch["label"]
+                part["key"] += batch["key"]
+                images_done += len(batch["key"])
+                if bar is not None:
+                    bar.update(len(batch["key"]))
+                    bar.set_postfix(images_per_sec=f"{images_done / (time.time() - started):.0f}")
+            if batch["last"]:
+                _write_part(out / f"part-{batch['unit']:06d}.npz", pending.pop(batch["unit"]), ident, dtype)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _write_part(path: Path, part: dict[str, list], ident: str, dtype: str) -> None:
+    features = np.concatenate(part["features"]) if part["features"] else np.zeros((0, 0), dtype)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, features=features, label=np.asarray(part["label"], np.int64), key=np.asarray(part["key"], dtype=str),
+             backbone=np.asarray(ident))
+    tmp.rename(path)
+
+
+@dataclass
+class Features:
+    features: np.ndarray  # [n, d] float32
+    labels: np.ndarray  # [n] int64
+    keys: np.ndarray  # [n] str
+    meta: dict
+
+
+def load_features(folder: str | Path) -> Features:
+    """All parts of an extraction, checked complete and from one backbone."""
+    folder = Path(folder)
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        raise WslError(f"no features in {folder} (meta.json missing): run the extraction first")
+    meta = json.loads(meta_file.read_text())
+    paths = [folder / f"part-{i:06d}.npz" for i in range(meta["parts"])]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise WslError(f"{folder} is incomplete: {len(missing)} of {len(paths)} parts missing ({missing[0]}...): "
+                       "re-run the extraction to finish it")
+    features, labels, keys = [], [], []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as part:
+            if str(part["backbone"]) != meta["backbone"]:
+                raise WslError(f"{path} holds features of backbone {part['backbone']}, the rest of {folder} of "
+                               f"{meta['backbone']}: features from two backbones cannot be mixed")
+            if len(part["key"]):
+                features.append(part["features"].astype(np.float32))
+                labels.append(part["label"])
+                keys.append(part["key"])
+    if not features:
+        raise WslError(f"{folder} holds no features (every image was unreadable, or the dataset is empty)")
+    return Features(np.concatenate(features), np.concatenate(labels), np.concatenate(keys), meta)
