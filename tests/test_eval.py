@@ -139,7 +139,7 @@ def test_eval_reports_both_backbones_with_json_picture_and_wandb_offline_run(dem
     config = load_config("configs/eval/demo.yaml", [
         f"run_dir={tmp_path / 'eval'}", f"backbones={{trained: {weights}, random-init: null}}",
         f"data.train={downstream}/train", f"data.val={downstream}/val", "data.image_size=32", "data.resize=36",
-        "data.num_workers=0", "linear.epochs=5", "linear.lrs=[0.01]",
+        "data.num_workers=0", "data.batch_size=8", "linear.epochs=5", "linear.lrs=[0.01]", "linear.augmented=true", "linear.augmented_epochs=1",
     ], EVAL_DEFAULTS)
     report = run_eval(config)
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
@@ -148,7 +148,8 @@ def test_eval_reports_both_backbones_with_json_picture_and_wandb_offline_run(dem
         assert result["train_images"] == 40 and result["val_images"] == 30
         assert set(result["knn"]) == {"10", "20"}  # k = 100, 200 exceed the 40 train images
         assert 0 <= result["linear"]["top1"] <= 1 and Path(result["picture"]).is_file()
+        assert 0 <= result["linear"]["augmented"]["top1"] <= result["linear"]["augmented"]["top5"] <= 1
     assert saved["results"]["trained"]["backbone"] != saved["results"]["random-init"]["backbone"]
-    assert "trained" in report["table"] and "random-init" in report["table"]
+    assert "trained" in report["table"] and "random-init" in report["table"] and "augm. linear top-1" in report["table"]
     assert list((tmp_path / "eval").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(list((tmp_path / "eval").glob("wandb/offline-run-*/files/media/images/*/*.png"))) == 2  # the pictures

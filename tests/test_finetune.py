@@ -228,3 +228,21 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
         run = subprocess.run([*base, *overrides], capture_output=True, text=True, timeout=120, cwd=REPO)
         assert run.returncode == 2, run.stderr[-2000:]
         assert len(run.stderr.strip().splitlines()) == 1 and re.search(f"wsl finetune: error: .*{message}", run.stderr), run.stderr
+
+
+def test_a_frozen_backbone_probe_trains_only_the_classifier_and_keeps_batchnorm_statistics(tmp_path):
+    layouts = _tiny_imagenet(tmp_path)
+    torch.manual_seed(0)
+    weights = tmp_path / "start.pth"
+    start = build_model("resnext14_8x4d", 3).state_dict()
+    torch.save(start, weights)
+    config = load_config(None, [
+        f"run_dir={tmp_path / 'probe'}", "model=resnext14_8x4d", f"weights={weights}", "head=keep", "freeze_backbone=true", "epochs=2",
+        f"data.train={layouts['folders'].train}", f"data.val={layouts['folders'].val}", "data.batch_size=3",
+        "data.num_workers=0", "data.image_size=32", "data.resize=36", "optim.base_lr=10", "wandb.mode=disabled",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    ], FINETUNE_DEFAULTS)
+    result = run_finetuning(config)
+    trained = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
+    assert all(torch.equal(trained[f"net.{k}"], v) for k, v in start.items() if not k.startswith("fc."))  # BN buffers too
+    assert not torch.equal(trained["net.fc.weight"], start["fc.weight"])

@@ -71,12 +71,14 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict with torchvision's key names, kind of file) of a weights file, never running code."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """(state dict with torchvision's key names, kind of file, the Lightning checkpoint's
+    hyper-parameters or {}) of a weights file, never running code."""
     path = Path(path)
     if not path.is_file():
         raise WslError(f"weights file not found: {path}")
     check_name_hash(path)
+    hyper_parameters: dict = {}
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -97,7 +99,15 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exn:
             raise WslError(f"{path}: unreadable or truncated checkpoint ({str(exn).splitlines()[0]})") from None
         state, kind = _state_dict_of(payload, path)
-    return {_strip_prefixes(k): v for k, v in state.items()}, kind
+        if isinstance(payload, dict) and isinstance(payload.get("hyper_parameters"), dict):
+            hyper_parameters = payload["hyper_parameters"]
+    return {_strip_prefixes(k): v for k, v in state.items()}, kind, hyper_parameters
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict with torchvision's key names, kind of file) of a weights file, never running code."""
+    state, kind, _ = read_checkpoint(path)
+    return state, kind
 
 
 def infer_architecture(state: dict[str, torch.Tensor]) -> str | None:

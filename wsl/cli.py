@@ -176,6 +176,19 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"W&B offline run: {report['wandb_dir']}  (upload with `wandb sync {report['wandb_dir']}`)")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from wsl.release import export
+
+    out = export(args.checkpoint, args.out, name=args.name, vocab=args.vocab, eval_report=args.eval_report)
+    metadata = json.loads((out / "metadata.json").read_text())
+    print(f"release {metadata['name']} ({metadata['architecture']}, {metadata['head']['kind']} head, "
+          f"{metadata['head']['num_classes']} classes) in {out}:")
+    for entry in metadata["files"].values():
+        print(f"  {entry['file']}  sha256 {entry['sha256']}")
+    print(f"  metadata.json, README.md{', vocab.json' if metadata['head'].get('vocab_file') else ''}")
+    print(f"load it with: wsl.load_backbone(\"{out}\")")
+
+
 def _compare(args: argparse.Namespace) -> None:
     results = {}
     for run_dir in args.runs:
@@ -297,6 +310,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="evaluation YAML (configs/eval/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. knn.index=ivf linear.epochs=50")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("export", help="a checkpoint -> a release folder (safetensors + .pth named by hash, metadata, card)",
+                       description="Export a pretraining or fine-tuning checkpoint as a release folder: the network in "
+                                   "torchvision's layout as NAME-<sha256[:8]>.safetensors and .pth, metadata.json, "
+                                   "README.md (the model card) and, for a hashtag head, vocab.json. The checkpoint is "
+                                   "read without unpickling code.")
+    p.add_argument("--config", help="YAML file of option defaults")
+    p.add_argument("--checkpoint", required=True, help="a .ckpt of wsl pretrain / wsl finetune, or a .pth / .safetensors")
+    p.add_argument("--out", required=True, help="release folder to write")
+    p.add_argument("--name", help="file name stem (default: wsl_<architecture>)")
+    p.add_argument("--vocab", help="the vocabulary JSON of a hashtag head (checked against the checkpoint's hash)")
+    p.add_argument("--eval-report", help="a `wsl eval` report.json whose numbers go into the metadata and the card")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("compare", help="the val metrics of finished runs, side by side")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding result.json")

@@ -33,7 +33,10 @@ DEFAULTS = {
     "knn": {"k": [10, 20, 100, 200], "temperature": 0.07, "index": "flat", "database_block": 1_000_000,
             "query_block": 16_384, "nlist": 1024, "nprobe": 32},
     "linear": {"lrs": [0.001, 0.01, 0.1], "weight_decays": [0.0, 1.0e-4, 1.0e-3], "epochs": 100, "batch_size": 256,
-               "holdout": 0.2},
+               "holdout": 0.2,
+               # also the probe on the frozen network with augmentation (torchvision's SWAG recipe:
+               # 28 epochs, SGD Nesterov 0.9, cosine from lr 0.001), a `wsl finetune` run per backbone
+               "augmented": False, "augmented_epochs": 28, "augmented_lr": 0.001, "crop_scale": [0.08, 1.0]},
     "picture": {"queries": 8, "neighbours": 5, "size": 64},
     "wandb": {"project": "wsl-eval", "mode": "offline"},
 }
@@ -73,6 +76,8 @@ def evaluate_backbone(name: str, weights: str | None, config: dict) -> dict:
                           tuple(config["linear"]["lrs"]), tuple(config["linear"]["weight_decays"]),
                           config["linear"]["epochs"], config["linear"]["batch_size"], config["linear"]["holdout"],
                           config["seed"])
+    if config["linear"]["augmented"]:
+        linear["augmented"] = _augmented_probe(name, weights, config)
     return {
         "weights": weights, "backbone": train.meta["backbone"], "train_images": len(train.labels),
         "val_images": len(val.labels), "classes": num_classes,
@@ -80,6 +85,26 @@ def evaluate_backbone(name: str, weights: str | None, config: dict) -> dict:
         "seconds": {"features": extracted - started, "knn": searched - extracted, "linear": time.time() - searched},
         "_neighbours": neighbours, "_train": train, "_val": val,
     }
+
+
+def _augmented_probe(name: str, weights: str | None, config: dict) -> dict:
+    """The classifier of the frozen network trained with augmentation (a `wsl finetune` run)."""
+    from wsl.finetune import DEFAULTS as FINETUNE_DEFAULTS
+    from wsl.finetune import run_finetuning
+    from wsl.run import merge
+
+    data, linear = config["data"], config["linear"]
+    probe = merge(FINETUNE_DEFAULTS, {
+        "run_dir": str(Path(config["run_dir"]) / f"probe-{name}"), "model": config["model"], "weights": weights,
+        "freeze_backbone": True, "epochs": linear["augmented_epochs"], "seed": config["seed"],
+        "data": {key: data[key] for key in ("train", "val", "val_labels", "image_size", "resize", "batch_size", "num_workers")}
+                | {"crop_scale": linear["crop_scale"]},
+        "optim": {"base_lr": linear["augmented_lr"] * 256 / data["batch_size"], "nesterov": True, "weight_decay": 0.0,
+                  "schedule": "cosine"},
+        "wandb": config["wandb"],
+    })
+    metrics = run_finetuning(probe)["metrics"]
+    return {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "run_dir": probe["run_dir"]}
 
 
 def neighbour_picture(train: Features, val: Features, neighbours: np.ndarray, path: Path, queries: int = 8,
@@ -115,11 +140,14 @@ def neighbour_picture(train: Features, val: Features, neighbours: np.ndarray, pa
 def summary_table(results: dict) -> str:
     """One screen: a row per backbone, kNN top-1 at every k and the linear probe's top-1/top-5, in per cent."""
     ks = sorted({int(k) for result in results.values() for k in result["knn"]})
-    header = f"{'backbone':<22}" + "".join(f"{f'kNN k={k}':>10}" for k in ks) + f"{'linear top-1':>14}{'linear top-5':>14}"
+    augmented = any("augmented" in result["linear"] for result in results.values())
+    header = (f"{'backbone':<22}" + "".join(f"{f'kNN k={k}':>10}" for k in ks) + f"{'linear top-1':>14}{'linear top-5':>14}"
+              + (f"{'augm. linear top-1':>20}" if augmented else ""))
     lines = [header, "-" * len(header)]
     for name, result in results.items():
         cells = "".join(f"{100 * result['knn'][str(k)]['top1']:>10.1f}" if str(k) in result["knn"] else f"{'-':>10}" for k in ks)
-        lines.append(f"{name:<22}{cells}{100 * result['linear']['top1']:>14.1f}{100 * result['linear']['top5']:>14.1f}")
+        extra = f"{100 * result['linear']['augmented']['top1']:>20.1f}" if augmented else ""
+        lines.append(f"{name:<22}{cells}{100 * result['linear']['top1']:>14.1f}{100 * result['linear']['top5']:>14.1f}{extra}")
     return "\n".join(lines + ["(top-1 %, val set; kNN votes weighted by exp(cosine / T); the linear probe's lr and weight decay "
                                "chosen on a split of train)"])
 

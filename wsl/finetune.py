@@ -65,6 +65,7 @@ DEFAULTS = {
     "model": "resnext101_32x8d",
     "weights": None,  # .ckpt (wsl pretrain/finetune), .pth (WSL-Images, torchvision), .safetensors (timm, exported); null: random init
     "head": "new",  # new: a fresh classifier for the data's classes; keep: the checkpoint's (validating a fine-tuned model)
+    "freeze_backbone": False,  # train the classifier only, batch-norm statistics frozen: the augmented linear probe
     "epochs": 30,
     "val_every_epochs": 1,
     "seed": 0,
@@ -79,20 +80,29 @@ DEFAULTS = {
 
 class ImageClassifier(NetworkModule):
     """ResNeXt + a classifier for the data's classes: cross-entropy (optionally label-smoothed),
-    val top-1/top-5 with torchmetrics, a lower backbone lr if asked."""
+    val top-1/top-5 with torchmetrics, a lower backbone lr if asked. With `freeze_backbone`
+    only the classifier learns and the backbone stays in eval mode (torchvision's / SWAG's
+    linear probe on the frozen network, with augmentation)."""
 
     def __init__(self, model: str, num_classes: int, batch_size: int, epochs: int, optim: dict | None = None,
-                 channels_last: bool = False, compile: bool = False, classes: list[str] | None = None):
+                 channels_last: bool = False, compile: bool = False, classes: list[str] | None = None,
+                 freeze_backbone: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.optim = FinetuneOptimConfig(**(optim or {}))
         self.build_network(model, num_classes, channels_last, compile)
+        if freeze_backbone:
+            for name, param in self.net.named_parameters():
+                param.requires_grad_(name.startswith("fc."))
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.val_images = SumMetric()
         self.skipped_images = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.hparams.freeze_backbone:  # batch-norm statistics frozen too (Lightning restores train mode per loop)
+            for name, child in self.net.named_children():
+                child.train(name == "fc")
         logits = self(batch["image"])
         loss = F.cross_entropy(logits.float(), batch["target"], label_smoothing=self.optim.label_smoothing)
         size = batch["image"].shape[0]
@@ -161,6 +171,9 @@ class LabelledImages(pl.LightningDataModule):
         data = self.config
         transform = TrainTransform(data.image_size, tuple(data.crop_scale))
         if self.train_items is not None:  # Lightning adds the DistributedSampler and sets its epoch
+            if len(self.train_items) < data.batch_size:  # drop_last would leave no batch at all
+                raise WslError(f"data.batch_size {data.batch_size} is more than the {len(self.train_items)} "
+                               f"images of {data.train}")
             self.train_loader = torch.utils.data.DataLoader(
                 LabelledImageFolder(data.train, self.train_items, transform), batch_size=data.batch_size, shuffle=True,
                 drop_last=True, num_workers=data.num_workers, collate_fn=collate_labelled,
@@ -196,7 +209,7 @@ def run_finetuning(config: dict, callbacks: list[pl.Callback] | None = None) -> 
     datamodule = LabelledImages(_data_config(config), config["seed"])
     trainer_args, channels_last = resolve_hardware(config)
     module = ImageClassifier(config["model"], datamodule.num_classes, datamodule.config.batch_size, config["epochs"],
-                             config["optim"], channels_last, config["compile"], datamodule.classes)
+                             config["optim"], channels_last, config["compile"], datamodule.classes, config["freeze_backbone"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_checkpoint(run_dir) is not None:
         start = "resumed (weights from the run's checkpoint)"

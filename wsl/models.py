@@ -38,12 +38,22 @@ def parse_model_name(name: str) -> tuple[list[int], int, int]:
     return STAGE_BLOCKS[int(match.group(1))], int(match.group(2)), int(match.group(3))
 
 
-def build_model(name: str, num_classes: int, device: str | torch.device | None = None) -> ResNet:
+class ResNeXt(ResNet):
+    """torchvision's ResNet (same modules, same state-dict keys) with `forward_features`."""
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features before the classifier: [batch, 2048] whatever the width."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def build_model(name: str, num_classes: int, device: str | torch.device | None = None) -> ResNeXt:
     """torchvision's `ResNet(Bottleneck, blocks, groups=G, width_per_group=W)`; `device="meta"`
     builds it without memory (to count parameters of a 32x48d on a laptop)."""
     blocks, groups, width = parse_model_name(name)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return ResNet(Bottleneck, blocks, num_classes=num_classes, groups=groups, width_per_group=width)
+        return ResNeXt(Bottleneck, blocks, num_classes=num_classes, groups=groups, width_per_group=width)
 
 
 def count_parameters(name: str, num_classes: int = 1000) -> int:
