@@ -123,8 +123,10 @@ def extract_features(source: str, out: str | Path, model: str, weights: str | No
         if previous.get("backbone") != ident or previous.get("source") != str(source):
             raise WslError(f"{out} holds features of {previous.get('backbone')} on {previous.get('source')}, "
                            f"not {ident} on {source}: use another folder")
-    elif rank == 0:
-        meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    elif rank == 0:  # through a rename: another rank may be reading it
+        staging = out / "meta.json.tmp"
+        staging.write_text(json.dumps(meta, indent=1) + "\n")
+        staging.rename(meta_file)
     todo = [u for u in units[rank::world_size] if not (out / f"part-{u.index:06d}.npz").is_file()]
     if not todo:
         return out
