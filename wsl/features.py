@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset
 from wsl.checkpoints import file_sha256, load_weights
 from wsl.data import (DATA_ERRORS, SkipCounter, dataloader_worker, distributed_rank, is_image_folder, labelled_images)
 from wsl.errors import WslError
-from wsl.models import build_model
+from wsl.models import ResNeXt, build_model
 from wsl.shards import expand_shard_spec, is_sample_member, sample_image_bytes
 from wsl.transforms import EvalTransform
 
@@ -39,12 +39,11 @@ def backbone_id(model: str, weights: str | None, seed: int = 0) -> str:
     return f"{model}:{file_sha256(Path(weights))[:16] if weights else f'random-init-seed{seed}'}"
 
 
-def frozen_backbone(model: str, weights: str | None, seed: int = 0) -> tuple[torch.nn.Module, str]:
-    """The network without its classifier (pooled 2048-d features), in eval mode, and a report line."""
+def frozen_backbone(model: str, weights: str | None, seed: int = 0) -> tuple[ResNeXt, str]:
+    """The network in eval mode (its `forward_features` gives the pooled 2048-d features) and a report line."""
     torch.manual_seed(seed)
     net = build_model(model, num_classes=1)
     report = load_weights(net, weights, model, head="new") if weights else f"random initialisation (seed {seed})"
-    net.fc = torch.nn.Identity()
     return net.eval().requires_grad_(False), report
 
 
@@ -150,7 +149,7 @@ def extract_features(source: str, out: str | Path, model: str, weights: str | No
         for batch in loader:
             part = pending.setdefault(batch["unit"], {"features": [], "label": [], "key": []})
             if len(batch["key"]):
-                features = net(batch["image"].to(device, non_blocking=True)).float().cpu().numpy()
+                features = net.forward_features(batch["image"].to(device, non_blocking=True)).float().cpu().numpy()
                 part["features"].append(features.astype(dtype))
                 part["label"] += batch["label"]
                 part["key"] += batch["key"]
