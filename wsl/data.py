@@ -407,7 +407,8 @@ def is_image_folder(source: str | Path) -> bool:
     return path.is_dir() and not any(path.glob("*.tar"))
 
 
-def _image_key(path: str, root: Path) -> str:
+def image_key(path: str, root: Path) -> str:
+    """A folder image's key: its path under the folder, without extension (`n01440764/x`)."""
     return str(Path(path).relative_to(root).with_suffix(""))
 
 
@@ -426,7 +427,7 @@ class LabelledImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict | None:
         path, label = self.items[index]
         try:
-            return {"key": _image_key(path, self.root), "image": self.transform(Path(path).read_bytes()), "label": label}
+            return {"key": image_key(path, self.root), "image": self.transform(Path(path).read_bytes()), "label": label}
         except DATA_ERRORS as exn:
             log.warning("skipped corrupt image %s: %s", path, exn)
             return None
@@ -474,7 +475,7 @@ class EvalDataset(IterableDataset):
         counter = SkipCounter(every=1)
         if self.folder_items is not None:
             for path, label in self.folder_items[slot::slots]:
-                key = _image_key(path, self.root)
+                key = image_key(path, self.root)
                 try:
                     yield {"key": key, "image": self.transform(Path(path).read_bytes()), "label": label}
                 except DATA_ERRORS as exn:

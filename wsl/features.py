@@ -24,7 +24,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from wsl.checkpoints import file_sha256, load_weights
-from wsl.data import (DATA_ERRORS, SkipCounter, dataloader_worker, distributed_rank, is_image_folder, labelled_images)
+from wsl.data import (DATA_ERRORS, SkipCounter, dataloader_worker, distributed_rank, image_key, is_image_folder,
+                      labelled_images)
 from wsl.errors import WslError
 from wsl.models import ResNeXt, build_model
 from wsl.shards import expand_shard_spec, is_sample_member, sample_image_bytes
@@ -64,7 +65,7 @@ class _UnitImages(IterableDataset):
     def _samples(self, unit: _Unit) -> Iterator[tuple[str, bytes | None, int]]:
         if unit.items is not None:
             for path, label in unit.items:
-                yield str(Path(path).relative_to(self.root).with_suffix("")), path, label
+                yield image_key(path, self.root), path, label
             return
         for sample in wds.DataPipeline(wds.SimpleShardList([unit.url]), wds.tarfile_to_samples(select_files=is_sample_member)):
             yield sample["__key__"], sample, int(sample["cls"]) if "cls" in sample else -1
