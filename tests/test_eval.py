@@ -132,6 +132,12 @@ def test_mixed_backbones_different_class_lists_and_an_empty_dataset_are_one_clea
 
 
 @pytest.mark.slow
+def test_a_command_line_override_of_one_backbone_keeps_the_configs_others():
+    config = load_config("configs/eval/demo.yaml", ["backbones.hashtag-pretrained=other.ckpt", "backbones.extra=null"],
+                         EVAL_DEFAULTS)
+    assert config["backbones"] == {"hashtag-pretrained": "other.ckpt", "random-init": None, "extra": None}
+
+
 def test_eval_reports_both_backbones_with_json_picture_and_wandb_offline_run(demo, tmp_path):
     weights = tmp_path / "trained.pth"
     torch.save(build_model("resnext14_8x4d", 5).state_dict(), weights)

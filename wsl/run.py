@@ -87,6 +87,10 @@ def load_config(path: str | None, overrides: list[str], defaults: dict = DEFAULT
         if "=" not in item:
             raise WslError(f"override '{item}' is not key=value")
         key, value = item.split("=", 1)
+        mapping, _, name = key.partition(".")
+        if mapping in FREE_FORM and name:  # one entry of a free-form mapping; the others stay
+            config[mapping] = {**(config.get(mapping) or {}), name: yaml.safe_load(value)}
+            continue
         nested: dict = {}
         node = nested
         parts = key.split(".")
