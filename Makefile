@@ -18,7 +18,7 @@ PRETRAINED      := runs/demo/result.json
 
 EVAL_CONFIG     ?= configs/eval/demo.yaml
 
-.PHONY: help install test test-fast demo-data shards vocab bench-data bench-knn pretrain finetune eval clean
+.PHONY: help install test test-fast demo-data shards vocab bench-data bench-knn bench-dedup pretrain finetune eval clean
 
 help:
 	@echo "make pretrain    pretrain on the embedded demo data (CONFIG=..., ARGS=\"key=value ...\")"
@@ -29,6 +29,7 @@ help:
 	@echo "make shards      demo data -> WebDataset shards + hashtag vocabulary"
 	@echo "make bench-data  training data pipeline vs. plain Pillow + torchvision"
 	@echo "make bench-knn   FAISS kNN vs. scikit-learn's brute-force KNeighborsClassifier"
+	@echo "make bench-dedup de-duplication: threshold curve on planted copies, images/s per core"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +62,9 @@ bench-data: install
 
 bench-knn: install
 	$(BIN)/python pipelines/bench_knn.py
+
+bench-dedup: install
+	$(BIN)/python pipelines/bench_dedup.py --out bench/dedup
 
 clean:
 	rm -rf $(DATA) bench runs

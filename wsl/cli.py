@@ -72,6 +72,18 @@ def _shards(args: argparse.Namespace) -> None:
         print(f"  skipped {item['source']}: {item['reason']}")
 
 
+def _dedup(args: argparse.Namespace) -> None:
+    from wsl.dedup import DedupConfig, run_dedup
+
+    config = DedupConfig(threshold=args.threshold, prefilter=args.prefilter, candidates=args.candidates)
+    report = run_dedup(args.shards, args.against, args.out, config, workers=args.workers)
+    removed = report["removed"]
+    print(f"kept {report['kept']} of {report['input_samples']} samples in {len(report['shards'])} shards in {args.out}; "
+          f"removed {removed['copies']} copies of the {report['evaluation_images']} evaluation images, "
+          f"{removed['exact_duplicates']} byte duplicates, {removed['corrupt']} undecodable images")
+    print(f"report: {Path(args.out) / 'dedup_report.json'}; example matches: {report['picture']}")
+
+
 def _vocab(args: argparse.Namespace) -> None:
     from wsl.vocab import build_vocab_from_shards
 
@@ -230,6 +242,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples a shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=cpus, help="shards written at once (default: %(default)s)")
     p.set_defaults(run=_shards)
+
+    dedup_defaults = None
+    if command == "dedup":
+        from wsl.dedup import DedupConfig
+
+        dedup_defaults = DedupConfig()
+    p = sub.add_parser("dedup", help="drop pretraining samples that copy evaluation images, and byte duplicates",
+                       description="Filter pretraining shards: a sample whose image is a resized / re-compressed / "
+                                   "cropped / recoloured / mirrored copy of an evaluation image is dropped, as are byte "
+                                   "duplicates (the first stays) and undecodable images. Writes the filtered shards "
+                                   "(same names), sizes.json, dedup_report.json and dedup_matches.png; a killed run "
+                                   "re-run finishes the job.")
+    p.add_argument("--config", help="YAML file of option defaults")
+    p.add_argument("--shards", required=True, help="pretraining shards: paths, a folder, {a..b} patterns, joined by ::")
+    p.add_argument("--against", required=True, action="append",
+                   help="an evaluation set: an image folder (searched recursively) or shards; repeat for several")
+    p.add_argument("--out", required=True, help="folder for the filtered shards and the report")
+    p.add_argument("--threshold", type=float, default=getattr(dedup_defaults, "threshold", None),
+                   help="verified correlation at or above which a sample is a copy (default: %(default)s, chosen on "
+                        "planted copies: BENCHMARKS.md)")
+    p.add_argument("--prefilter", type=float, default=getattr(dedup_defaults, "prefilter", None),
+                   help="retrieval similarity below which a sample is not verified (default: %(default)s)")
+    p.add_argument("--candidates", type=int, default=getattr(dedup_defaults, "candidates", None),
+                   help="evaluation images verified per sample (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=cpus, help="shards processed at once (default: %(default)s)")
+    p.set_defaults(run=_dedup)
 
     p = sub.add_parser("vocab", help="count the shards' hashtags and write the hashtag vocabulary")
     p.add_argument("--config", help="YAML file of option defaults")

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tqdm import tqdm
 
 # Concept -> the hashtags users write for it (first = canonical; later = synonyms, rarer).
@@ -248,6 +248,64 @@ def _downstream_item(seed: int, split: str, index: int) -> tuple[bytes, str]:
         other = [s for s in SHAPE_NAMES if s != label][rng.integers(len(SHAPES) - 1)]
         objects.append(_random_object(rng, shape=other, scale=rng.uniform(0.15, 0.3)))
     return _render(rng, scene, objects), label
+
+
+def planted_copy(data: bytes, rng: np.random.Generator) -> bytes:
+    """A web copy of an image, as de-duplication must catch it: a crop keeping 70-100% of the
+    area (any aspect), resized 0.5-2x, brightness/contrast/saturation within 15%, mirrored half
+    the time, re-encoded at JPEG quality 30-95."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    area = rng.uniform(0.7, 1.0)
+    aspect = math.exp(rng.uniform(math.log(area), -math.log(area)))  # keeps both sides within the image
+    crop_w, crop_h = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
+    x0, y0 = rng.uniform(0, 1 - crop_w), rng.uniform(0, 1 - crop_h)
+    image = image.crop((round(x0 * width), round(y0 * height), round((x0 + crop_w) * width), round((y0 + crop_h) * height)))
+    scale = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.BICUBIC)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhance(image).enhance(rng.uniform(0.85, 1.15))
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=int(rng.integers(30, 96)))
+    return buffer.getvalue()
+
+
+def planted_duplicates(out: str | Path, num_eval: int = 300, copies_per_image: int = 2, num_others: int = 5000,
+                       shard_size: int = 500, seed: int = 0) -> dict[str, str]:
+    """A de-duplication benchmark: demo downstream val images as the evaluation set
+    (`out/eval/<class>/*.JPEG`) and demo pretraining images with `planted_copy` copies of them
+    mixed in (`out/shards/pretrain-NNNNNN.tar`). Returns {copy's sample key: its original's
+    evaluation key}; the other samples' keys start with "img"."""
+    from wsl.shards import _MTIME, shard_name  # the shard format's writer settings
+    import webdataset as wds
+
+    out = Path(out)
+    rng = np.random.default_rng([seed, 3])
+    originals = []
+    for index in range(num_eval):
+        data, label = _downstream_item(seed, "val", index)
+        path = out / "eval" / label / f"val_{index:06d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        originals.append((f"eval/{label}/val_{index:06d}", data))
+    samples = [(f"img{index:07d}", _pretrain_item(seed, index)[0]) for index in range(num_others)]
+    truth = {}
+    for copy in range(copies_per_image):
+        for index, (key, data) in enumerate(originals):
+            sample_key = f"copy{copy}_{index:06d}"
+            truth[sample_key] = key
+            samples.append((sample_key, planted_copy(data, rng)))
+    order = rng.permutation(len(samples))
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(samples), shard_size):
+        with wds.TarWriter(str(out / "shards" / shard_name("pretrain", start // shard_size)), encoder=False,
+                           mtime=_MTIME) as writer:
+            for i in order[start:start + shard_size]:
+                key, data = samples[i]
+                writer.write({"__key__": key, "jpg": data, "json": b'{"hashtags": []}'})
+    return truth
 
 
 def _pretrain_chunk(seed: int, out: str, indices: range) -> list[dict]:

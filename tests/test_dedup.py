@@ -1,0 +1,97 @@
+"""`wsl dedup` on real shards: planted copies of evaluation images found, other images kept,
+byte-identical and resumable output, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from conftest import write_tar
+from wsl.dedup import REPORT_FILE, DedupConfig, run_dedup
+from wsl.demo_data import planted_duplicates
+
+
+def _shard_keys(folder: Path) -> dict[str, list[str]]:
+    return {p.name: [s["__key__"] for s in wds.WebDataset(str(p), shardshuffle=False)]
+            for p in sorted(folder.glob("*.tar"))}
+
+
+@pytest.mark.slow
+def test_planted_copies_are_removed_and_other_images_kept_at_the_default_threshold(tmp_path):
+    truth = planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=2, num_others=2000, shard_size=400)
+    report = run_dedup(str(tmp_path / "data" / "shards"), [str(tmp_path / "data" / "eval")], tmp_path / "out",
+                       DedupConfig(), workers=2)
+    removed = {c["key"]: c["match"] for shard in report["shards"].values() for c in shard["copies"]}
+    kept = {key for keys in _shard_keys(tmp_path / "out").values() for key in keys}
+    copies_removed = [key for key in truth if key in removed]
+    others_removed = [key for key in removed if key not in truth]
+    assert len(copies_removed) >= 0.95 * len(truth), f"{len(copies_removed)} of {len(truth)} copies removed"
+    assert len(others_removed) <= 0.005 * 2000, f"{len(others_removed)} of 2000 other images removed"
+    assert all(removed[key] == truth[key] for key in copies_removed)  # matched to the image it copies
+    assert kept == {f"img{i:07d}" for i in range(2000)} - set(others_removed) | (set(truth) - set(copies_removed))
+    assert report["kept"] == len(kept) and Path(report["picture"]).is_file()
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert sizes == {name: len(keys) for name, keys in _shard_keys(tmp_path / "out").items()}
+
+
+def _small_set(tmp_path: Path) -> tuple[Path, Path]:
+    planted_duplicates(tmp_path / "data", num_eval=20, copies_per_image=1, num_others=100, shard_size=20)
+    shards = tmp_path / "data" / "shards"
+    # a byte duplicate of the first shard's first image in the last shard, and an undecodable image
+    first = next(iter(wds.WebDataset(str(shards / "pretrain-000000.tar"), shardshuffle=False)))
+    write_tar(shards / "pretrain-000006.tar", [("dup.jpg", first["jpg"]), ("dup.json", b"{}"),
+                                               ("broken.jpg", b"<html>404</html>"), ("broken.json", b"{}")])
+    return shards, tmp_path / "data" / "eval"
+
+
+def _dedup(shards: Path, against: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "wsl.cli", "dedup", "--shards", str(shards), "--against", str(against),
+                             "--out", str(out), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def test_two_runs_give_byte_identical_shards_and_a_killed_run_finishes_on_rerun(tmp_path):
+    shards, against = _small_set(tmp_path)
+    first = _dedup(shards, against, tmp_path / "a")
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    report = json.loads((tmp_path / "a" / REPORT_FILE).read_text())
+    assert report["removed"]["exact_duplicates"] == 1 and report["removed"]["corrupt"] == 1
+    assert report["shards"]["pretrain-000006.tar"]["exact_duplicates"][0]["same_as"].startswith("pretrain-000000.tar:")
+    reference = {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.tar")}
+    assert sorted(reference) == [f"pretrain-{i:06d}.tar" for i in range(7)]
+
+    killed = _dedup(shards, against, tmp_path / "b")
+    decisions = tmp_path / "b" / "_dedup" / "decisions"
+    deadline = time.time() + 240
+    while not list(decisions.glob("*.json")) and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert len(list(decisions.glob("*.json"))) < 7, "the run finished before it could be killed"
+    rerun = _dedup(shards, against, tmp_path / "b")
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    again = {p.name: p.read_bytes() for p in (tmp_path / "b").glob("*.tar*")}
+    assert again == reference  # the same shards, byte for byte, none missing, no .tmp left
+    assert json.loads((tmp_path / "b" / REPORT_FILE).read_text())["kept"] == report["kept"]
+
+
+def test_missing_input_and_output_over_the_input_are_one_line_errors(tmp_path):
+    shards, against = _small_set(tmp_path)
+    for args, message in [
+        (["--shards", str(tmp_path / "nowhere"), "--against", str(against), "--out", str(tmp_path / "o")], "shard not found"),
+        (["--shards", str(shards), "--against", str(tmp_path / "no-eval"), "--out", str(tmp_path / "o")],
+         "evaluation set not found"),
+        (["--shards", str(shards), "--against", str(against), "--out", str(shards)], "holds the input shards"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "wsl.cli", "dedup", *args], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
