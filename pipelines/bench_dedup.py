@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -30,20 +31,24 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=300)
     parser.add_argument("--copies", type=int, default=2, help="planted copies of each evaluation image")
     parser.add_argument("--others", type=int, default=2000, help="other (non-copy) pretraining images")
+    parser.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"], help="the evaluation window index")
     args = parser.parse_args()
     out = Path(args.out)
     truth = planted_duplicates(out / "data", args.eval_images, args.copies, args.others)
-    config = DedupConfig()
+    config = DedupConfig(index=args.index)
+    shutil.rmtree(out / f"filtered-{args.index}", ignore_errors=True)  # measure a whole run, not a resumed one
     started = time.time()
-    report = run_dedup(str(out / "data" / "shards"), [str(out / "data" / "eval")], out / "filtered", config, workers=1, threads=1)
+    report = run_dedup(str(out / "data" / "shards"), [str(out / "data" / "eval")], out / f"filtered-{args.index}", config,
+                       workers=1, threads=1)
     seconds = time.time() - started
     scores, is_copy, verified = [], [], []
-    for path in sorted((out / "filtered" / "_dedup" / "decisions").glob("*.json")):
+    for path in sorted((out / f"filtered-{args.index}" / "_dedup" / "decisions").glob("*.json")):
         for record in json.loads(path.read_text())["samples"]:
             scores.append(record.get("score", 0.0))
             is_copy.append(record["key"] in truth)
             verified.append(record.get("match") is not None)
     scores, is_copy = np.array(scores), np.array(is_copy)
+    print(f"window index: {args.index}")
     print(f"{is_copy.sum()} planted copies of {args.eval_images} evaluation images among {(~is_copy).sum()} other images")
     print(f"{'threshold':>10} {'copies removed':>15} {'others removed':>15}")
     for threshold in (0.65, 0.7, 0.73, 0.75, 0.77, 0.8, 0.85, 0.9):

@@ -95,3 +95,15 @@ def test_missing_input_and_output_over_the_input_are_one_line_errors(tmp_path):
         result = subprocess.run([sys.executable, "-m", "wsl.cli", "dedup", *args], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_compressed_ivf_window_index_removes_the_same_samples_as_the_exact_one(tmp_path):
+    shards, against = _small_set(tmp_path)
+    removed = {}
+    for index in ("flat", "ivf"):
+        report = run_dedup(str(shards), [str(against)], tmp_path / index, DedupConfig(index=index, nlist=4, nprobe=2))
+        removed[index] = {(name, c["key"], c["match"]) for name, shard in report["shards"].items() for c in shard["copies"]}
+    assert (tmp_path / "ivf" / "_dedup" / "eval-windows.faiss").is_file()
+    assert not (tmp_path / "ivf" / "_dedup" / "eval-windows.npy").exists()
+    assert len(removed["flat"]) >= 17  # of the 20 planted copies (the recall bar is tested on 200 above)
+    assert removed["ivf"] == removed["flat"]

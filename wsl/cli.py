@@ -75,7 +75,8 @@ def _shards(args: argparse.Namespace) -> None:
 def _dedup(args: argparse.Namespace) -> None:
     from wsl.dedup import DedupConfig, run_dedup
 
-    config = DedupConfig(threshold=args.threshold, prefilter=args.prefilter, candidates=args.candidates)
+    config = DedupConfig(threshold=args.threshold, prefilter=args.prefilter, candidates=args.candidates,
+                         index=args.index, nprobe=args.nprobe)
     report = run_dedup(args.shards, args.against, args.out, config, workers=args.workers)
     removed = report["removed"]
     print(f"kept {report['kept']} of {report['input_samples']} samples in {len(report['shards'])} shards in {args.out}; "
@@ -266,6 +267,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="retrieval similarity below which a sample is not verified (default: %(default)s)")
     p.add_argument("--candidates", type=int, default=getattr(dedup_defaults, "candidates", None),
                    help="evaluation images verified per sample (default: %(default)s)")
+    p.add_argument("--index", choices=["auto", "flat", "ivf"], default=getattr(dedup_defaults, "index", None),
+                   help="evaluation window index: exact, or compressed PCA + IVF for large evaluation sets "
+                        "(auto: IVF above 2M windows, ~4,000 images) (default: %(default)s)")
+    p.add_argument("--nprobe", type=int, default=getattr(dedup_defaults, "nprobe", None),
+                   help="IVF lists searched per query (default: %(default)s)")
     p.add_argument("--workers", type=int, default=cpus, help="shards processed at once (default: %(default)s)")
     p.set_defaults(run=_dedup)
 

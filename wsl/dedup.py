@@ -36,6 +36,8 @@ import concurrent.futures as cf
 import hashlib
 import io
 import json
+import math
+import multiprocessing
 import os
 import time
 import warnings
@@ -56,6 +58,10 @@ COARSE = 16  # retrieval thumbnail side
 FINE = 48  # verification thumbnail side
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 FORMAT = "wsl-dedup-1"
+# Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
+# IVF index) deadlocks the child's first OpenMP call.
+_SPAWN = multiprocessing.get_context("spawn")
+RERANK = 64  # IVF hits re-ranked by exact similarity
 REPORT_FILE = "dedup_report.json"
 PICTURE_FILE = "dedup_matches.png"
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError)
@@ -69,6 +75,14 @@ class DedupConfig:
     min_area: float = 0.68  # smallest crop (fraction of the area) the windows cover
     min_side: float = 0.7
     window_step: float = 0.05
+    # The window index: "flat" (exact, float32, ~3 KB a window), "ivf" (PCA to `pca_dim`, IVF with
+    # `nlist` lists (0: 4 sqrt(windows)) searched `nprobe` at a time, 8-bit codes: ~130 B a window),
+    # or "auto": ivf above `ivf_above` windows (500 an evaluation image: 4,000 images).
+    index: str = "auto"
+    ivf_above: int = 2_000_000
+    nlist: int = 0
+    nprobe: int = 64
+    pca_dim: int = 128
 
 
 def decode_small(data: bytes, short_side: int) -> Image.Image:
@@ -140,8 +154,9 @@ class EvalIndex:
     images at STORE x STORE for verification. Both live in .npy files that worker processes
     map into memory, so a machine holds them once. `match` scores pretraining images."""
 
-    def __init__(self, keys: list[str], store: np.ndarray, descriptors: np.ndarray, config: DedupConfig):
-        self.keys, self.store, self.descriptors, self.config = keys, store, descriptors, config
+    def __init__(self, keys: list[str], store: np.ndarray, windows_index, config: DedupConfig):
+        self.keys, self.store, self.config = keys, store, config
+        self.windows_index = windows_index  # a memory-mapped [windows, D] array (exact search) or a FAISS IVF index
         self.windows = crop_windows(config)
         self.per_image = 2 * len(self.windows)
 
@@ -170,31 +185,73 @@ class EvalIndex:
             raise WslError(f"no evaluation images in {', '.join(sources)}")
         store = np.stack(pixels)
         windows = crop_windows(config)
-        descriptors = np.empty((len(keys) * 2 * len(windows), 3 * COARSE * COARSE), np.float32)
-        row = 0
-        for image_pixels in tqdm(store, desc="indexing evaluation windows", unit=" images", dynamic_ncols=True):
-            for view in cls._views(image_pixels):
-                for window in windows:
-                    descriptors[row] = thumbnail(view, COARSE, _pixel_box(window, STORE))
-                    row += 1
+        total = len(keys) * 2 * len(windows)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, array in (("eval-store.npy", store), ("eval-windows.npy", descriptors)):
-            with open(folder / f"{name}.tmp", "wb") as stream:
-                np.save(stream, array)
-            os.replace(folder / f"{name}.tmp", folder / name)
+        if config.index not in ("auto", "flat", "ivf"):
+            raise WslError(f"index must be auto, flat or ivf, not {config.index!r}")
+        if config.index == "ivf" or (config.index == "auto" and total > config.ivf_above):
+            cls._build_ivf(store, windows, config, folder / "eval-windows.faiss")
+        else:
+            tmp = folder / "eval-windows.npy.tmp"
+            descriptors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, 3 * COARSE * COARSE))
+            per_image = 2 * len(windows)
+            for i, image_pixels in enumerate(tqdm(store, desc="indexing evaluation windows", unit=" images",
+                                                  dynamic_ncols=True)):
+                descriptors[i * per_image:(i + 1) * per_image] = cls._window_descriptors(image_pixels, windows)
+            descriptors.flush()
+            del descriptors
+            os.replace(tmp, folder / "eval-windows.npy")
+        with open(folder / "eval-store.npy.tmp", "wb") as stream:
+            np.save(stream, store)
+        os.replace(folder / "eval-store.npy.tmp", folder / "eval-store.npy")
         _write_json(folder / "eval-keys.json", {"keys": keys, "skipped": skipped})  # last: marks the index complete
         return cls.open(folder, config), skipped
 
     @classmethod
-    def open(cls, folder: Path, config: DedupConfig) -> EvalIndex:
-        return cls(json.loads((folder / "eval-keys.json").read_text())["keys"], np.load(folder / "eval-store.npy", mmap_mode="r"),
-                   np.load(folder / "eval-windows.npy", mmap_mode="r"), config)
+    def _window_descriptors(cls, pixels: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """The coarse descriptors of every window of an image, then of its mirror: [2W, D]."""
+        return np.stack([thumbnail(view, COARSE, _pixel_box(window, STORE))
+                         for view in cls._views(pixels) for window in windows])
 
-    def coarse_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest windows by inner product: exact, over the memory-mapped descriptors."""
+    @classmethod
+    def _build_ivf(cls, store: np.ndarray, windows: np.ndarray, config: DedupConfig, path: Path) -> None:
+        """A compressed window index (PCA, IVF, 8-bit codes), trained on evenly spaced images, written through a rename."""
         import faiss
 
-        return faiss.knn(queries, self.descriptors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        per_image = 2 * len(windows)
+        total = len(store) * per_image
+        nlist = config.nlist or max(1, int(4 * math.sqrt(total)))
+        train_images = min(len(store), max(1, -(-max(64 * nlist, 100_000) // per_image)))
+        sample = np.unique(np.linspace(0, len(store) - 1, train_images).astype(int))
+        index = faiss.index_factory(3 * COARSE * COARSE, f"PCA{config.pca_dim},IVF{nlist},SQ8",
+                                    faiss.METRIC_INNER_PRODUCT)
+        index.train(np.concatenate([cls._window_descriptors(store[i], windows) for i in sample]))
+        for start in tqdm(range(0, len(store), 256), desc="indexing evaluation windows (IVF)", unit=" x256 images",
+                          dynamic_ncols=True):
+            index.add(np.concatenate([cls._window_descriptors(p, windows) for p in store[start:start + 256]]))
+        faiss.write_index(index, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+
+    @classmethod
+    def open(cls, folder: Path, config: DedupConfig) -> EvalIndex:
+        """The index of `folder`, memory-mapped: worker processes on a machine share one copy."""
+        keys = json.loads((folder / "eval-keys.json").read_text())["keys"]
+        store = np.load(folder / "eval-store.npy", mmap_mode="r")
+        if (folder / "eval-windows.faiss").is_file():
+            import faiss
+
+            search_index = faiss.read_index(str(folder / "eval-windows.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            faiss.extract_index_ivf(search_index).nprobe = config.nprobe
+            return cls(keys, store, search_index, config)
+        return cls(keys, store, np.load(folder / "eval-windows.npy", mmap_mode="r"), config)
+
+    def coarse_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest windows by inner product: exact over the memory-mapped descriptors, or through the IVF index."""
+        import faiss
+
+        if isinstance(self.windows_index, np.ndarray):
+            return faiss.knn(queries, self.windows_index, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return self.windows_index.search(queries, k)
 
     def _verify(self, query: Image.Image, row: int) -> float:
         """Detail correlation of `query` with the window near index row `row` that fits it best.
@@ -219,17 +276,31 @@ class EvalIndex:
         _, best = _ascend(detail_correlation, window, (0.005, 0.0025))
         return best
 
+    def _exact_order(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The IVF index's hits re-ranked by their exact similarity, recomputed from the stored images:
+        PCA and 8-bit codes change the similarities, and the prefilter is defined on exact ones."""
+        exact = np.array([query @ self._window_thumbnail(int(row), COARSE) for row in rows], dtype=np.float32)
+        order = np.argsort(-exact, kind="stable")
+        return exact[order], rows[order]
+
+    def _window_thumbnail(self, row: int, size: int) -> np.ndarray:
+        owner, rest = divmod(row, self.per_image)
+        flip, window_id = divmod(rest, len(self.windows))
+        return thumbnail(self._views(np.asarray(self.store[owner]))[flip], size, _pixel_box(self.windows[window_id], STORE))
+
     def match(self, images: list[Image.Image]) -> list[tuple[float, int]]:
         """(verification score, evaluation image) of each pretraining image's best match; (0, -1) if none."""
         if not images:
             return []
         coarse = np.stack([normalised(np.asarray(im.resize((COARSE, COARSE), Image.BOX, reducing_gap=None)))
                            for im in images])
-        similarity, rows = self.coarse_search(coarse, min(len(self.descriptors), self.config.candidates * self.per_image))
+        similarity, rows = self.coarse_search(coarse, min(len(self.keys) * self.per_image, self.config.candidates * self.per_image))
         results = []
-        for image, sims, found in zip(images, similarity, rows):
+        for image, query, sims, found in zip(images, coarse, similarity, rows):
+            if not isinstance(self.windows_index, np.ndarray):
+                sims, found = self._exact_order(query, found[found >= 0][:RERANK])
             best, seen = (0.0, -1), set()
-            if sims[0] >= self.config.prefilter:
+            if len(found) and sims[0] >= self.config.prefilter:
                 for row in found:  # nearest windows first: the first of each image is its starting point
                     owner = int(row) // self.per_image
                     if row < 0 or owner in seen:
@@ -415,7 +486,7 @@ def run_dedup(shards: str, against: list[str], out: str | Path, config: DedupCon
     progress = tqdm(total=len(urls), initial=len(urls) - len(pending), desc="de-duplicating", unit=" shards",
                     dynamic_ncols=True)
     images, tick = 0, time.time()
-    with cf.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
         for done in cf.as_completed([pool.submit(_score_shard, url, str(work), asdict(config), threads) for url in pending]):
             images += len(done.result()["samples"])
             progress.update()
@@ -423,7 +494,7 @@ def run_dedup(shards: str, against: list[str], out: str | Path, config: DedupCon
     progress.close()
 
     per_shard = _classify([json.loads(decisions_file[url].read_text()) for url in urls], config.threshold)
-    with cf.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
         jobs = [pool.submit(_write_filtered_shard, url, str(out), per_shard[Path(url).name]["keep"])
                 for url in urls if not (out / Path(url).name).is_file()]
         for job in tqdm(cf.as_completed(jobs), total=len(jobs), desc="writing filtered shards", unit=" shards",
