@@ -141,7 +141,7 @@ def evaluation_images(source: str) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) of every image of an evaluation set: a folder (searched recursively) or shards."""
     if is_image_folder(source):
         root = Path(source)
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS + ("jpeg",)):
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
             yield f"{root.name}/{path.relative_to(root).with_suffix('')}", path.read_bytes()
         return
     for sample in wds.DataPipeline(wds.SimpleShardList(expand_shard_spec(source)),
@@ -258,9 +258,7 @@ class EvalIndex:
 
         Coordinate ascent over the window's edges, position and size: first on the whole
         FINE thumbnail (brings the objects into line), then on its detail (lines up the texture)."""
-        owner, rest = divmod(int(row), self.per_image)
-        flip, window_id = divmod(rest, len(self.windows))
-        image = self._views(np.asarray(self.store[owner]))[flip]
+        image, window = self._window(row)
         whole = thumbnail(query, FINE)
         query_detail = detail(np.asarray(query.resize((FINE, FINE), Image.BOX, reducing_gap=None)))
 
@@ -271,7 +269,6 @@ class EvalIndex:
             pixels = np.asarray(image.resize((FINE, FINE), Image.BOX, box=_pixel_box(w, STORE), reducing_gap=None))
             return float(query_detail @ detail(pixels))
 
-        window = self.windows[window_id].copy()
         window, _ = _ascend(whole_correlation, window, (0.02, 0.01, 0.005))
         _, best = _ascend(detail_correlation, window, (0.005, 0.0025))
         return best
@@ -283,10 +280,15 @@ class EvalIndex:
         order = np.argsort(-exact, kind="stable")
         return exact[order], rows[order]
 
-    def _window_thumbnail(self, row: int, size: int) -> np.ndarray:
-        owner, rest = divmod(row, self.per_image)
+    def _window(self, row: int) -> tuple[Image.Image, np.ndarray]:
+        """What index row `row` stands for: the evaluation image (or its mirror) and the window's fractions."""
+        owner, rest = divmod(int(row), self.per_image)
         flip, window_id = divmod(rest, len(self.windows))
-        return thumbnail(self._views(np.asarray(self.store[owner]))[flip], size, _pixel_box(self.windows[window_id], STORE))
+        return self._views(np.asarray(self.store[owner]))[flip], self.windows[window_id].copy()
+
+    def _window_thumbnail(self, row: int, size: int) -> np.ndarray:
+        image, window = self._window(row)
+        return thumbnail(image, size, _pixel_box(window, STORE))
 
     def match(self, images: list[Image.Image]) -> list[tuple[float, int]]:
         """(verification score, evaluation image) of each pretraining image's best match; (0, -1) if none."""
