@@ -8,7 +8,7 @@ Nothing is unpickled with code (safetensors, or torch.load(weights_only=True) on
 
 dependencies = ["torch", "torchvision", "safetensors"]
 
-from wsl.release import load_backbone, wsl_images_file  # noqa: E402
+from wsl.release.export import load_backbone, wsl_images_file  # noqa: E402
 
 
 def wsl_backbone(name_or_path, num_classes=None, head="auto"):

@@ -11,21 +11,30 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsl.demo_data import generate
-from wsl.shards import read_jsonl, write_shards
-from wsl.vocab import build_vocab_from_shards
+from wsl.data.demo import generate
+from wsl.data.shards import read_jsonl, write_shards
+from wsl.data.vocab import build_vocab_from_shards
 
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> dict:
     """600 demo images (+ the broken entries) in shards of 100, and their vocabulary."""
     root = tmp_path_factory.mktemp("demo")
-    summary = generate(root / "data", num_images=600, downstream_train_per_class=4, downstream_val_per_class=3, workers=2)
+    summary = generate(
+        root / "data", num_images=600, downstream_train_per_class=4, downstream_val_per_class=3, workers=2
+    )
     samples, problems = read_jsonl(Path(summary["annotations"]))
     stats = write_shards(samples, root / "shards", prefix="demo", shard_size=100, workers=2, input_problems=problems)
     vocab = build_vocab_from_shards(str(root / "shards"), synonyms_file=summary["synonyms"], min_count=5, workers=2)
     vocab_path = vocab.save(root / "shards" / "vocab.json")
-    return {"root": root, "summary": summary, "stats": stats, "shards": root / "shards", "vocab": vocab, "vocab_path": vocab_path}
+    return {
+        "root": root,
+        "summary": summary,
+        "stats": stats,
+        "shards": root / "shards",
+        "vocab": vocab,
+        "vocab_path": vocab_path,
+    }
 
 
 def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
@@ -45,7 +54,9 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def hashtag_shards(folder: Path, tags_per_sample: list[list[str]], per_shard: int, image: bytes | None = None) -> list[Path]:
+def hashtag_shards(
+    folder: Path, tags_per_sample: list[list[str]], per_shard: int, image: bytes | None = None
+) -> list[Path]:
     """Shards of `key.jpg` + `key.json` samples with the given hashtags, plus sizes.json."""
     folder.mkdir(parents=True, exist_ok=True)
     image = image or jpeg_bytes()

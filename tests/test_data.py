@@ -19,10 +19,12 @@ from conftest import hashtag_shards, jpeg_bytes, write_tar
 from PIL import Image
 from torchvision import transforms as T
 
-from wsl.data import EvalDataset, HashtagTargets, ShardSource, SkipCounter, StreamSeed, TrainDataConfig, TrainLoader
-from wsl.shards import is_sample_member
-from wsl.transforms import EvalTransform, TrainTransform, _decode_drafted
-from wsl.vocab import Vocabulary, build_vocab
+from wsl.data.bad_samples import SkipCounter
+from wsl.data.evalset import EvalDataset
+from wsl.data.shards import is_sample_member
+from wsl.data.stream import HashtagTargets, ShardSource, StreamSeed, TrainDataConfig, TrainLoader
+from wsl.data.transforms import EvalTransform, TrainTransform, decode_drafted
+from wsl.data.vocab import Vocabulary, build_vocab
 
 
 def _shard_hashtags(shards: Path) -> dict[str, list[str]]:
@@ -37,7 +39,9 @@ def _shard_hashtags(shards: Path) -> dict[str, list[str]]:
 
 def test_targets_are_one_over_k_on_each_images_vocabulary_classes(demo):
     vocab: Vocabulary = demo["vocab"]
-    config = TrainDataConfig(shards=str(demo["shards"]), vocab=str(demo["vocab_path"]), batch_size=16, num_workers=0, image_size=64)
+    config = TrainDataConfig(
+        shards=str(demo["shards"]), vocab=str(demo["vocab_path"]), batch_size=16, num_workers=0, image_size=64
+    )
     tags = _shard_hashtags(demo["shards"])
     loader = TrainLoader(config, vocab)
     batch = next(iter(loader))
@@ -93,8 +97,16 @@ def test_corrupt_images_and_out_of_vocabulary_samples_are_skipped_counted_and_ne
     write_tar(tmp_path / "s-000000.tar", members)
     (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 60}))
     vocab = build_vocab(collections.Counter({"cat": 40}))
-    config = TrainDataConfig(shards=str(tmp_path), vocab="", batch_size=5, num_workers=0, image_size=32,
-                             resample_exponent=0.0, resampled=False, shuffle_buffer=10)
+    config = TrainDataConfig(
+        shards=str(tmp_path),
+        vocab="",
+        batch_size=5,
+        num_workers=0,
+        image_size=32,
+        resample_exponent=0.0,
+        resampled=False,
+        shuffle_buffer=10,
+    )
     loader = TrainLoader(config, vocab, rank=0, world_size=1)
     started = time.time()
     keys = [key for batch in loader for key in batch["key"]]
@@ -129,18 +141,28 @@ def test_pickle_members_in_a_shard_are_never_unpickled(tmp_path):
     marker.unlink()
     members = []
     for i in range(4):
-        members += [(f"{i}.jpg", jpeg_bytes()), (f"{i}.json", b'{"hashtags": ["cat"]}'), (f"{i}.pth", payload), (f"{i}.pkl", payload), (f"{i}.pyd", payload)]
+        members += [
+            (f"{i}.jpg", jpeg_bytes()),
+            (f"{i}.json", b'{"hashtags": ["cat"]}'),
+            (f"{i}.pth", payload),
+            (f"{i}.pkl", payload),
+            (f"{i}.pyd", payload),
+        ]
     write_tar(tmp_path / "s-000000.tar", members)
     (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 4}))
     vocab = build_vocab(collections.Counter({"cat": 4}))
-    loader = TrainLoader(TrainDataConfig(shards=str(tmp_path), vocab="", batch_size=2, num_workers=0, image_size=32), vocab)
+    loader = TrainLoader(
+        TrainDataConfig(shards=str(tmp_path), vocab="", batch_size=2, num_workers=0, image_size=32), vocab
+    )
     assert sum(len(b["key"]) for b in loader) == 4
     assert len(list(EvalDataset(tmp_path / "s-000000.tar"))) == 4
     assert not marker.exists()
 
 
 def test_a_resumed_stream_is_reseeded_by_step_and_a_repeated_one_is_identical(demo):
-    config = TrainDataConfig(shards=str(demo["shards"]), vocab="", batch_size=8, num_workers=0, image_size=32, shuffle_buffer=50)
+    config = TrainDataConfig(
+        shards=str(demo["shards"]), vocab="", batch_size=8, num_workers=0, image_size=32, shuffle_buffer=50
+    )
 
     def first_keys(epoch: int, step: int) -> list[str]:
         loader = TrainLoader(config, demo["vocab"])
@@ -154,14 +176,16 @@ def test_a_resumed_stream_is_reseeded_by_step_and_a_repeated_one_is_identical(de
 
 def test_draft_decoding_reduces_large_jpegs_and_matches_a_full_decode():
     data = jpeg_bytes(width=1600, height=1200)
-    image, box = _decode_drafted(Image.open(io.BytesIO(data)), (0, 0, 1600, 1200), 224)
+    image, box = decode_drafted(Image.open(io.BytesIO(data)), (0, 0, 1600, 1200), 224)
     assert image.size == (400, 300) and box == (0, 0, 400, 300)  # 1/4 scale: the shorter side stays >= 224
-    small_crop, _ = _decode_drafted(Image.open(io.BytesIO(data)), (100, 100, 400, 400), 224)
+    small_crop, _ = decode_drafted(Image.open(io.BytesIO(data)), (100, 100, 400, 400), 224)
     assert small_crop.size == (1600, 1200)  # a 300-px crop needs every pixel
     photo = io.BytesIO()
     smooth = Image.radial_gradient("L").resize((1600, 1200)).convert("RGB")
     smooth.save(photo, format="JPEG", quality=95)
-    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    reference = T.Compose(
+        [T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    )
     expected = reference(Image.open(io.BytesIO(photo.getvalue())).convert("RGB"))
     got = EvalTransform()(photo.getvalue())
     assert got.shape == expected.shape == (3, 224, 224)
@@ -178,7 +202,9 @@ def _init(rank: int, world_size: int, rendezvous: str) -> None:
 
 def _eval_rank(rank: int, source: str, rendezvous: str, out: str) -> None:
     _init(rank, 2, rendezvous)
-    loader = torch.utils.data.DataLoader(EvalDataset(source, transform=EvalTransform(32, 36)), batch_size=3, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        EvalDataset(source, transform=EvalTransform(32, 36)), batch_size=3, num_workers=2
+    )
     keys = [key for batch in loader for key in batch["key"]]
     Path(out, f"rank{rank}.json").write_text(json.dumps(keys))
     dist.barrier()
@@ -215,8 +241,16 @@ def test_two_processes_read_every_image_of_a_folder_exactly_once(demo, tmp_path)
 def _train_rank(rank: int, shards: str, rendezvous: str, out: str) -> None:
     _init(rank, 2, rendezvous)
     vocab = build_vocab(collections.Counter({"cat": 25}))
-    config = TrainDataConfig(shards=shards, vocab="", batch_size=4, num_workers=1, image_size=32,
-                             resample_exponent=0.0, resampled=False, shuffle_buffer=4)
+    config = TrainDataConfig(
+        shards=shards,
+        vocab="",
+        batch_size=4,
+        num_workers=1,
+        image_size=32,
+        resample_exponent=0.0,
+        resampled=False,
+        shuffle_buffer=4,
+    )
     loader = TrainLoader(config, vocab)
     keys = []
     for batch in loader:

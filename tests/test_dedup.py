@@ -11,25 +11,26 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import webdataset as wds
-
 from conftest import write_tar
-from wsl.dedup import REPORT_FILE, DedupConfig, run_dedup
-from wsl.demo_data import planted_duplicates
+
+from wsl.data.demo import planted_duplicates
+from wsl.dedup.run import REPORT_FILE, DedupConfig, run_dedup
 
 
 def _shard_keys(folder: Path) -> dict[str, list[str]]:
-    return {p.name: [s["__key__"] for s in wds.WebDataset(str(p), shardshuffle=False)]
-            for p in sorted(folder.glob("*.tar"))}
+    return {
+        p.name: [s["__key__"] for s in wds.WebDataset(str(p), shardshuffle=False)] for p in sorted(folder.glob("*.tar"))
+    }
 
 
 @pytest.mark.slow
 def test_planted_copies_are_removed_and_other_images_kept_at_the_default_threshold(tmp_path):
     truth = planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=2, num_others=2000, shard_size=400)
-    report = run_dedup(str(tmp_path / "data" / "shards"), [str(tmp_path / "data" / "eval")], tmp_path / "out",
-                       DedupConfig(), workers=2)
+    report = run_dedup(
+        str(tmp_path / "data" / "shards"), [str(tmp_path / "data" / "eval")], tmp_path / "out", DedupConfig(), workers=2
+    )
     removed = {c["key"]: c["match"] for shard in report["shards"].values() for c in shard["copies"]}
     kept = {key for keys in _shard_keys(tmp_path / "out").values() for key in keys}
     copies_removed = [key for key in truth if key in removed]
@@ -48,15 +49,30 @@ def _small_set(tmp_path: Path) -> tuple[Path, Path]:
     shards = tmp_path / "data" / "shards"
     # a byte duplicate of the first shard's first image in the last shard, and an undecodable image
     first = next(iter(wds.WebDataset(str(shards / "pretrain-000000.tar"), shardshuffle=False)))
-    write_tar(shards / "pretrain-000006.tar", [("dup.jpg", first["jpg"]), ("dup.json", b"{}"),
-                                               ("broken.jpg", b"<html>404</html>"), ("broken.json", b"{}")])
+    write_tar(
+        shards / "pretrain-000006.tar",
+        [("dup.jpg", first["jpg"]), ("dup.json", b"{}"), ("broken.jpg", b"<html>404</html>"), ("broken.json", b"{}")],
+    )
     return shards, tmp_path / "data" / "eval"
 
 
 def _dedup(shards: Path, against: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "wsl.cli", "dedup", "--shards", str(shards), "--against", str(against),
-                             "--out", str(out), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsl.cli",
+            "dedup",
+            f"shards={shards}",
+            f"against=[{against}]",
+            f"out={out}",
+            "workers=2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_two_runs_give_byte_identical_shards_and_a_killed_run_finishes_on_rerun(tmp_path):
@@ -87,10 +103,12 @@ def test_two_runs_give_byte_identical_shards_and_a_killed_run_finishes_on_rerun(
 def test_missing_input_and_output_over_the_input_are_one_line_errors(tmp_path):
     shards, against = _small_set(tmp_path)
     for args, message in [
-        (["--shards", str(tmp_path / "nowhere"), "--against", str(against), "--out", str(tmp_path / "o")], "shard not found"),
-        (["--shards", str(shards), "--against", str(tmp_path / "no-eval"), "--out", str(tmp_path / "o")],
-         "evaluation set not found"),
-        (["--shards", str(shards), "--against", str(against), "--out", str(shards)], "holds the input shards"),
+        ([f"shards={tmp_path / 'nowhere'}", f"against=[{against}]", f"out={tmp_path / 'o'}"], "shard not found"),
+        (
+            [f"shards={shards}", f"against=[{tmp_path / 'no-eval'}]", f"out={tmp_path / 'o'}"],
+            "evaluation set not found",
+        ),
+        ([f"shards={shards}", f"against=[{against}]", f"out={shards}"], "holds the input shards"),
     ]:
         result = subprocess.run([sys.executable, "-m", "wsl.cli", "dedup", *args], capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr
@@ -102,7 +120,9 @@ def test_the_compressed_ivf_window_index_removes_the_same_samples_as_the_exact_o
     removed = {}
     for index in ("flat", "ivf"):
         report = run_dedup(str(shards), [str(against)], tmp_path / index, DedupConfig(index=index, nlist=4, nprobe=2))
-        removed[index] = {(name, c["key"], c["match"]) for name, shard in report["shards"].items() for c in shard["copies"]}
+        removed[index] = {
+            (name, c["key"], c["match"]) for name, shard in report["shards"].items() for c in shard["copies"]
+        }
     assert (tmp_path / "ivf" / "_dedup" / "eval-windows.faiss").is_file()
     assert not (tmp_path / "ivf" / "_dedup" / "eval-windows.npy").exists()
     assert len(removed["flat"]) >= 17  # of the 20 planted copies (the recall bar is tested on 200 above)

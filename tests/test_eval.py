@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import jpeg_bytes
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 
-from conftest import jpeg_bytes
+from wsl.config import load
 from wsl.errors import WslError
-from wsl.evaluate import DEFAULTS as EVAL_DEFAULTS
-from wsl.evaluate import run_eval
-from wsl.features import extract_features, load_features
-from wsl.knn import knn_classify, l2_normalise, search, weighted_vote
-from wsl.linear_probe import linear_probe
+from wsl.eval.evaluate import Config as EvalConfig
+from wsl.eval.evaluate import run_eval
+from wsl.eval.features import extract_features, load_features
+from wsl.eval.knn import knn_classify, l2_normalise, search, weighted_vote
+from wsl.eval.linear_probe import linear_probe
 from wsl.models import build_model
-from wsl.run import load_config
 
 WSL = str(Path(sys.executable).parent / "wsl")
 REPO = Path(__file__).parent.parent
@@ -37,7 +37,9 @@ def test_faiss_neighbours_equal_scikit_learns_brute_force_cosine_neighbours(inde
     # small blocks, so the exact search merges results over 5 database blocks and 2 query blocks
     options = {"database_block": 450, "query_block": 20} if index == "flat" else {"nlist": 16, "nprobe": 16}
     similarities, ids = search(l2_normalise(database), l2_normalise(queries), 20, index=index, **options)
-    distances, expected = NearestNeighbors(n_neighbors=20, metric="cosine", algorithm="brute").fit(database).kneighbors(queries)
+    distances, expected = (
+        NearestNeighbors(n_neighbors=20, metric="cosine", algorithm="brute").fit(database).kneighbors(queries)
+    )
     np.testing.assert_array_equal(ids, expected)
     np.testing.assert_allclose(similarities, 1 - distances, atol=1e-5)
 
@@ -86,15 +88,36 @@ def _image_folder(root: Path, counts: dict[str, int]) -> Path:
 def test_two_process_extraction_over_an_odd_number_of_images_writes_each_once_and_resumes(tmp_path):
     folder = _image_folder(tmp_path / "images", {"a": 6, "b": 4, "c": 3})  # 13 images
     out = tmp_path / "features"
-    command = [WSL, "features", "--source", str(folder), "--out", str(out), "--model", "resnext14_8x4d",
-               "--image-size", "32", "--resize", "36", "--batch-size", "2", "--workers", "1", "--unit-size", "2"]
-    ranks = [subprocess.Popen(command, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    command = [
+        WSL,
+        "features",
+        f"source={folder}",
+        f"out={out}",
+        "model=resnext14_8x4d",
+        "image_size=32",
+        "resize=36",
+        "batch_size=2",
+        "workers=1",
+        "unit_size=2",
+    ]
+    ranks = [
+        subprocess.Popen(
+            command,
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for rank in ranks:
         _, err = rank.communicate(timeout=300)
         assert rank.returncode == 0, err[-2000:]
     features = load_features(out)
-    assert sorted(features.keys) == sorted(f"{c}/{c}_{i:03d}" for c, n in {"a": 6, "b": 4, "c": 3}.items() for i in range(n))
+    assert sorted(features.keys) == sorted(
+        f"{c}/{c}_{i:03d}" for c, n in {"a": 6, "b": 4, "c": 3}.items() for i in range(n)
+    )
     assert features.features.shape == (13, 2048) and list(np.bincount(features.labels)) == [6, 4, 3]
     # a killed extraction: one part lost; the re-run writes only that part, identical to before
     parts = sorted(out.glob("part-*.npz"))
@@ -102,15 +125,29 @@ def test_two_process_extraction_over_an_odd_number_of_images_writes_each_once_an
     kept = {p.name: p.stat().st_mtime_ns for p in parts[1:]}
     lost = np.load(parts[0])["features"].copy()
     parts[0].unlink()
-    extract_features(str(folder), out, "resnext14_8x4d", None, image_size=32, resize=36, batch_size=2, num_workers=0,
-                     unit_size=2, rank=0, world_size=1, progress=False)
+    extract_features(
+        str(folder),
+        out,
+        "resnext14_8x4d",
+        None,
+        image_size=32,
+        resize=36,
+        batch_size=2,
+        num_workers=0,
+        unit_size=2,
+        rank=0,
+        world_size=1,
+        progress=False,
+    )
     assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.npz"))[1:]} == kept
     np.testing.assert_array_equal(np.load(parts[0])["features"], lost)
 
 
 def test_mixed_backbones_different_class_lists_and_an_empty_dataset_are_one_clear_error(tmp_path):
     folder = _image_folder(tmp_path / "images", {"a": 2, "b": 2})
-    options = dict(image_size=32, resize=36, batch_size=2, num_workers=0, unit_size=2, rank=0, world_size=1, progress=False)
+    options = dict(
+        image_size=32, resize=36, batch_size=2, num_workers=0, unit_size=2, rank=0, world_size=1, progress=False
+    )
     weights = tmp_path / "other.pth"
     torch.save(build_model("resnext14_8x4d", 3).state_dict(), weights)
     random_init = extract_features(str(folder), tmp_path / "random", "resnext14_8x4d", None, **options)
@@ -119,43 +156,84 @@ def test_mixed_backbones_different_class_lists_and_an_empty_dataset_are_one_clea
     with pytest.raises(WslError, match="features from two backbones cannot be mixed"):
         load_features(random_init)
     other_classes = _image_folder(tmp_path / "other", {"a": 2, "z": 2})
-    config = load_config(None, [f"run_dir={tmp_path / 'eval'}", "model=resnext14_8x4d", "backbones={random: null}",
-                                f"data.train={folder}", f"data.val={other_classes}", "data.image_size=32", "data.resize=36",
-                                "data.num_workers=0", "wandb.mode=disabled"], EVAL_DEFAULTS)
+    config = load(
+        EvalConfig,
+        [],
+        [
+            f"run_dir={tmp_path / 'eval'}",
+            "model=resnext14_8x4d",
+            "backbones={random: null}",
+            f"data.train={folder}",
+            f"data.val={other_classes}",
+            "data.image_size=32",
+            "data.resize=36",
+            "data.num_workers=0",
+            "wandb.mode=disabled",
+        ],
+    )
     with pytest.raises(WslError, match="classes of .* differ from training's"):
         run_eval(config)
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    result = subprocess.run([WSL, "features", "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "f"),
-                             "--model", "resnext14_8x4d"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [
+            WSL,
+            "features",
+            f"source={tmp_path / 'empty'}",
+            f"out={tmp_path / 'f'}",
+            "model=resnext14_8x4d",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "wsl features: error: no images in" in result.stderr
 
 
 @pytest.mark.slow
 def test_a_command_line_override_of_one_backbone_keeps_the_configs_others():
-    config = load_config("configs/eval/demo.yaml", ["backbones.hashtag-pretrained=other.ckpt", "backbones.extra=null"],
-                         EVAL_DEFAULTS)
-    assert config["backbones"] == {"hashtag-pretrained": "other.ckpt", "random-init": None, "extra": None}
+    config = load(
+        EvalConfig, ["configs/eval/demo.yaml"], ["backbones.hashtag-pretrained=other.ckpt", "backbones.extra=null"]
+    )
+    assert config.backbones == {"hashtag-pretrained": "other.ckpt", "random-init": None, "extra": None}
 
 
 def test_eval_reports_both_backbones_with_json_picture_and_wandb_offline_run(demo, tmp_path):
     weights = tmp_path / "trained.pth"
     torch.save(build_model("resnext14_8x4d", 5).state_dict(), weights)
     downstream = demo["summary"]["downstream"]
-    config = load_config("configs/eval/demo.yaml", [
-        f"run_dir={tmp_path / 'eval'}", f"backbones={{trained: {weights}, random-init: null}}",
-        f"data.train={downstream}/train", f"data.val={downstream}/val", "data.image_size=32", "data.resize=36",
-        "data.num_workers=0", "data.batch_size=8", "linear.epochs=5", "linear.lrs=[0.01]", "linear.augmented=true", "linear.augmented_epochs=1",
-    ], EVAL_DEFAULTS)
+    config = load(
+        EvalConfig,
+        ["configs/eval/demo.yaml"],
+        [
+            f"run_dir={tmp_path / 'eval'}",
+            f"backbones.hashtag-pretrained={weights}",  # the config's other backbone, random-init, stays
+            f"data.train={downstream}/train",
+            f"data.val={downstream}/val",
+            "data.image_size=32",
+            "data.resize=36",
+            "data.num_workers=0",
+            "data.batch_size=8",
+            "linear.epochs=5",
+            "linear.lrs=[0.01]",
+            "linear.augmented=true",
+            "linear.augmented_epochs=1",
+        ],
+    )
     report = run_eval(config)
     saved = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert set(saved["results"]) == {"trained", "random-init"}
+    assert set(saved["results"]) == {"hashtag-pretrained", "random-init"}
     for result in saved["results"].values():
         assert result["train_images"] == 40 and result["val_images"] == 30
         assert set(result["knn"]) == {"10", "20"}  # k = 100, 200 exceed the 40 train images
         assert 0 <= result["linear"]["top1"] <= 1 and Path(result["picture"]).is_file()
         assert 0 <= result["linear"]["augmented"]["top1"] <= result["linear"]["augmented"]["top5"] <= 1
-    assert saved["results"]["trained"]["backbone"] != saved["results"]["random-init"]["backbone"]
-    assert "trained" in report["table"] and "random-init" in report["table"] and "augm. linear top-1" in report["table"]
+    assert saved["results"]["hashtag-pretrained"]["backbone"] != saved["results"]["random-init"]["backbone"]
+    assert (
+        "hashtag-pretrained" in report["table"]
+        and "random-init" in report["table"]
+        and "augm. linear top-1" in report["table"]
+    )
     assert list((tmp_path / "eval").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(list((tmp_path / "eval").glob("wandb/offline-run-*/files/media/images/*/*.png"))) == 2  # the pictures

@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from conftest import jpeg_bytes, write_tar
-from wsl.checkpoints import file_sha256, load_weights
-from wsl.data import LabelledImageFolder, collate_labelled
+
+from wsl.config import load
+from wsl.data.folders import LabelledImageFolder, collate_labelled
+from wsl.data.transforms import TrainTransform
 from wsl.errors import WslError
-from wsl.finetune import DEFAULTS as FINETUNE_DEFAULTS
-from wsl.finetune import FinetuneDataConfig, ImageClassifier, LabelledImages, run_finetuning
 from wsl.models import build_model
-from wsl.run import load_config, run_pretraining
-from wsl.transforms import TrainTransform
+from wsl.release.checkpoints import file_sha256, load_weights
+from wsl.train.finetune import Config as FinetuneConfig
+from wsl.train.finetune import FinetuneDataConfig, ImageClassifier, LabelledImages, run_finetuning
+from wsl.train.pretrain import Config as PretrainConfig
+from wsl.train.pretrain import run_pretraining
 
 WSL = str(Path(sys.executable).parent / "wsl")
 REPO = Path(__file__).parent.parent
@@ -29,7 +31,9 @@ WNIDS = ["n01440764", "n01443537", "n02102040"]
 
 def _tiny_imagenet(root: Path) -> dict:
     """The same 9 train and 7 val images (an odd number) in ImageNet's three layouts."""
-    train = [(f"{wnid}_{i}", wnid, jpeg_bytes(40 + i, 36, seed=10 * c + i)) for c, wnid in enumerate(WNIDS) for i in range(3)]
+    train = [
+        (f"{wnid}_{i}", wnid, jpeg_bytes(40 + i, 36, seed=10 * c + i)) for c, wnid in enumerate(WNIDS) for i in range(3)
+    ]
     val = [(f"ILSVRC2012_val_{i:08d}", WNIDS[i % 3], jpeg_bytes(44, 40 + i, seed=100 + i)) for i in range(1, 8)]
     folders = root / "folders"  # (a) class folders
     kaggle = root / "kaggle"  # (b) Kaggle: class-folder train, flat val + LOC_val_solution.csv two levels up
@@ -48,15 +52,34 @@ def _tiny_imagenet(root: Path) -> dict:
     shards = root / "shards"  # (c) key.jpg + key.cls, labels by sorted wnid as in the public copies
     shards.mkdir()
     for split, items in (("train", train), ("val", val)):
-        members = [m for name, wnid, data in items for m in ((f"{name}.jpg", data), (f"{name}.cls", str(WNIDS.index(wnid)).encode()))]
+        members = [
+            m
+            for name, wnid, data in items
+            for m in ((f"{name}.jpg", data), (f"{name}.cls", str(WNIDS.index(wnid)).encode()))
+        ]
         write_tar(shards / f"imagenet1k-{split}-0000.tar", members)
     (shards / "sizes.json").write_text(json.dumps({"imagenet1k-train-0000.tar": len(train)}))
     return {
-        "folders": FinetuneDataConfig(train=str(folders / "train"), val=str(folders / "val"), image_size=32, resize=36, num_workers=0),
-        "kaggle": FinetuneDataConfig(train=str(kaggle / "ILSVRC/Data/CLS-LOC/train"), val=str(kaggle / "ILSVRC/Data/CLS-LOC/val"),
-                                     image_size=32, resize=36, num_workers=0),
-        "shards": FinetuneDataConfig(train=str(shards / "imagenet1k-train-0000.tar"), val=str(shards / "imagenet1k-val-0000.tar"),
-                                     num_classes=3, image_size=32, resize=36, num_workers=0, batch_size=3, resampled=False),
+        "folders": FinetuneDataConfig(
+            train=str(folders / "train"), val=str(folders / "val"), image_size=32, resize=36, num_workers=0
+        ),
+        "kaggle": FinetuneDataConfig(
+            train=str(kaggle / "ILSVRC/Data/CLS-LOC/train"),
+            val=str(kaggle / "ILSVRC/Data/CLS-LOC/val"),
+            image_size=32,
+            resize=36,
+            num_workers=0,
+        ),
+        "shards": FinetuneDataConfig(
+            train=str(shards / "imagenet1k-train-0000.tar"),
+            val=str(shards / "imagenet1k-val-0000.tar"),
+            num_classes=3,
+            image_size=32,
+            resize=36,
+            num_workers=0,
+            batch_size=3,
+            resampled=False,
+        ),
         "labels": {name: WNIDS.index(wnid) for name, wnid, _ in train + val},
     }
 
@@ -70,12 +93,16 @@ def test_the_three_imagenet_layouts_yield_the_same_samples_and_labels(tmp_path):
         samples = list(data.val_dataloader().dataset)
         val[layout] = {Path(s["key"]).name: (s["label"], s["image"]) for s in samples}
         assert len(samples) == len(val[layout]) == 7
-        assert {name: label for name, (label, _) in val[layout].items()} == {n: l for n, l in layouts["labels"].items() if "val" in n}
+        assert {name: label for name, (label, _) in val[layout].items()} == {
+            n: label_ for n, label_ in layouts["labels"].items() if "val" in n
+        }
     for layout in ("kaggle", "shards"):
         assert all(torch.equal(val[layout][name][1], val["folders"][name][1]) for name in val["folders"])
     for layout in ("folders", "kaggle"):
         data = LabelledImages(layouts[layout])
-        assert {Path(p).stem: label for p, label in data.train_items} == {n: l for n, l in layouts["labels"].items() if "val" not in n}
+        assert {Path(p).stem: label for p, label in data.train_items} == {
+            n: label_ for n, label_ in layouts["labels"].items() if "val" not in n
+        }
     shard_batches = list(LabelledImages(layouts["shards"]).train_dataloader())  # a shuffled stream: labels, not order
     assert len(shard_batches) == 3 and all(batch["image"].shape == (3, 3, 32, 32) for batch in shard_batches)
     seen = [(key, int(label)) for batch in shard_batches for key, label in zip(batch["key"], batch["target"])]
@@ -119,7 +146,9 @@ def test_a_wsl_images_pth_loads_into_the_finetuning_model_with_only_the_head_rei
 def test_weights_of_another_width_or_a_truncated_file_are_one_clear_error(tmp_path):
     narrow = tmp_path / "narrow.pth"
     torch.save(build_model("resnext14_8x4d", 3).state_dict(), narrow)
-    with pytest.raises(WslError, match=r"holds resnext14_8x4d, not resnext14_32x4d: 0 backbone tensors missing, \d+ of another shape"):
+    with pytest.raises(
+        WslError, match=r"holds resnext14_8x4d, not resnext14_32x4d: 0 backbone tensors missing, \d+ of another shape"
+    ):
         load_weights(build_model("resnext14_32x4d", 3), narrow, "resnext14_32x4d")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(narrow.read_bytes()[:5000])
@@ -132,7 +161,9 @@ def test_timm_safetensors_and_prefixed_training_checkpoints_load_alike(tmp_path)
 
     source = build_model("resnext14_8x4d", 7)
     save_file(source.state_dict(), tmp_path / "timm.safetensors")
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ddp.pth")
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "ddp.pth"
+    )
     for name in ("timm.safetensors", "ddp.pth"):
         target = build_model("resnext14_8x4d", 7)
         report = load_weights(target, tmp_path / name, "resnext14_8x4d", head="keep")
@@ -140,22 +171,48 @@ def test_timm_safetensors_and_prefixed_training_checkpoints_load_alike(tmp_path)
         assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
 
 
-def _demo_downstream_config(demo, run_dir: Path, *extra: str) -> dict:
+def _demo_downstream_config(demo, run_dir: Path, *extra: str) -> FinetuneConfig:
     downstream = demo["summary"]["downstream"]
-    return load_config("configs/finetune/demo.yaml", [
-        f"run_dir={run_dir}", "epochs=1", f"data.train={downstream}/train", f"data.val={downstream}/val",
-        "data.batch_size=8", "data.num_workers=0", "data.image_size=32", "data.resize=36",
-        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", *extra,
-    ], defaults=FINETUNE_DEFAULTS)
+    return load(
+        FinetuneConfig,
+        ["configs/finetune/demo.yaml"],
+        [
+            f"run_dir={run_dir}",
+            "epochs=1",
+            f"data.train={downstream}/train",
+            f"data.val={downstream}/val",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "data.image_size=32",
+            "data.resize=36",
+            "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.slow
 def test_finetuning_from_a_pretraining_checkpoint_runs_logs_and_validates_its_own_checkpoint(demo, tmp_path):
-    pretrain = run_pretraining(load_config("configs/pretrain/demo.yaml", [
-        f"run_dir={tmp_path / 'pretrain'}", "max_steps=2", "val_every_steps=100", f"data.shards={demo['shards']}",
-        "data.val_shards=null", f"data.vocab={demo['vocab_path']}", "data.batch_size=4", "data.num_workers=0",
-        "data.image_size=32", "trainer.enable_progress_bar=false", "wandb.mode=disabled",
-    ]))
+    pretrain = run_pretraining(
+        load(
+            PretrainConfig,
+            ["configs/pretrain/demo.yaml"],
+            [
+                f"run_dir={tmp_path / 'pretrain'}",
+                "max_steps=2",
+                "val_every_steps=100",
+                f"data.shards={demo['shards']}",
+                "data.val_shards=null",
+                f"data.vocab={demo['vocab_path']}",
+                "data.batch_size=4",
+                "data.num_workers=0",
+                "data.image_size=32",
+                "trainer.enable_progress_bar=false",
+                "wandb.mode=disabled",
+            ],
+        )
+    )
     result = run_finetuning(_demo_downstream_config(demo, tmp_path / "ft", f"weights={pretrain['checkpoint']}"))
     assert "Lightning checkpoint" in result["start"] and "new 10-class head" in result["start"]
     assert result["metrics"]["val/images"] == 30  # 10 classes x 3 val images, each once
@@ -163,10 +220,25 @@ def test_finetuning_from_a_pretraining_checkpoint_runs_logs_and_validates_its_ow
     assert (tmp_path / "ft" / "metrics.csv").read_text().count("train/loss") == 1
     assert list((tmp_path / "ft").glob("wandb/offline-run-*/run-*.wandb"))
     validated = subprocess.run(
-        [WSL, "finetune", "--validate", "--config", "configs/finetune/demo.yaml", f"weights={result['checkpoint']}",
-         f"data.train={demo['summary']['downstream']}/train", f"data.val={demo['summary']['downstream']}/val",
-         "data.num_workers=0", "data.image_size=32", "data.resize=36", "trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            WSL,
+            "finetune",
+            "validate=true",
+            "--config",
+            "configs/finetune/demo.yaml",
+            f"weights={result['checkpoint']}",
+            f"data.train={demo['summary']['downstream']}/train",
+            f"data.val={demo['summary']['downstream']}/val",
+            "data.num_workers=0",
+            "data.image_size=32",
+            "data.resize=36",
+            "trainer.enable_progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert validated.returncode == 0, validated.stderr[-2000:]
     top1 = float(re.search(r"val top-1 ([\d.]+)", validated.stdout).group(1))
     assert top1 == pytest.approx(100 * result["metrics"]["val/top1"], abs=0.01)
@@ -174,10 +246,29 @@ def test_finetuning_from_a_pretraining_checkpoint_runs_logs_and_validates_its_ow
 
 def _validate(weights: Path, val: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [WSL, "finetune", "--validate", "--config", "configs/finetune/demo.yaml", "model=resnext14_8x4d",
-         f"weights={weights}", "data.train=null", f"data.val={val}", "data.batch_size=2", "data.num_workers=1",
-         "data.image_size=32", "data.resize=36", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *extra],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
+        [
+            WSL,
+            "finetune",
+            "validate=true",
+            "--config",
+            "configs/finetune/demo.yaml",
+            "model=resnext14_8x4d",
+            f"weights={weights}",
+            "data.train=null",
+            f"data.val={val}",
+            "data.batch_size=2",
+            "data.num_workers=1",
+            "data.image_size=32",
+            "data.resize=36",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow
@@ -202,8 +293,17 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
     (other_val / "n99999999" / "x.JPEG").write_bytes(jpeg_bytes())
     narrow = tmp_path / "narrow.pth"
     torch.save(build_model("resnext14_8x4d", 3).state_dict(), narrow)
-    base = [WSL, "finetune", "--config", "configs/finetune/demo.yaml", f"data.train={layouts['folders'].train}",
-            f"data.val={layouts['folders'].val}", f"run_dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+    base = [
+        WSL,
+        "finetune",
+        "--config",
+        "configs/finetune/demo.yaml",
+        f"data.train={layouts['folders'].train}",
+        f"data.val={layouts['folders'].val}",
+        f"run_dir={tmp_path / 'run'}",
+        "wandb.mode=disabled",
+        "weights=null",
+    ]
     cases = {
         "the classes of .* differ from training's: 3 missing": [f"data.val={other_val}"],
         "holds resnext14_8x4d, not resnext14_32x4d": [f"weights={narrow}", "model=resnext14_32x4d"],
@@ -212,7 +312,9 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
     for message, overrides in cases.items():
         run = subprocess.run([*base, *overrides], capture_output=True, text=True, timeout=120, cwd=REPO)
         assert run.returncode == 2, run.stderr[-2000:]
-        assert len(run.stderr.strip().splitlines()) == 1 and re.search(f"wsl finetune: error: .*{message}", run.stderr), run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and re.search(
+            f"wsl finetune: error: .*{message}", run.stderr
+        ), run.stderr
 
 
 def test_a_frozen_backbone_probe_trains_only_the_classifier_and_keeps_batchnorm_statistics(tmp_path):
@@ -221,13 +323,31 @@ def test_a_frozen_backbone_probe_trains_only_the_classifier_and_keeps_batchnorm_
     weights = tmp_path / "start.pth"
     start = build_model("resnext14_8x4d", 3).state_dict()
     torch.save(start, weights)
-    config = load_config(None, [
-        f"run_dir={tmp_path / 'probe'}", "model=resnext14_8x4d", f"weights={weights}", "head=keep", "freeze_backbone=true", "epochs=2",
-        f"data.train={layouts['folders'].train}", f"data.val={layouts['folders'].val}", "data.batch_size=3",
-        "data.num_workers=0", "data.image_size=32", "data.resize=36", "optim.base_lr=10", "wandb.mode=disabled",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    ], FINETUNE_DEFAULTS)
+    config = load(
+        FinetuneConfig,
+        [],
+        [
+            f"run_dir={tmp_path / 'probe'}",
+            "model=resnext14_8x4d",
+            f"weights={weights}",
+            "head=keep",
+            "freeze_backbone=true",
+            "epochs=2",
+            f"data.train={layouts['folders'].train}",
+            f"data.val={layouts['folders'].val}",
+            "data.batch_size=3",
+            "data.num_workers=0",
+            "data.image_size=32",
+            "data.resize=36",
+            "optim.base_lr=10",
+            "wandb.mode=disabled",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+        ],
+    )
     result = run_finetuning(config)
     trained = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
-    assert all(torch.equal(trained[f"net.{k}"], v) for k, v in start.items() if not k.startswith("fc."))  # BN buffers too
+    assert all(
+        torch.equal(trained[f"net.{k}"], v) for k, v in start.items() if not k.startswith("fc.")
+    )  # BN buffers too
     assert not torch.equal(trained["net.fc.weight"], start["fc.weight"])

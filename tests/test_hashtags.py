@@ -1,7 +1,7 @@
 import pytest
 
+from wsl.data.hashtags import canonical_tag, extract_hashtags, load_synonyms, unique_canonical
 from wsl.errors import WslError
-from wsl.hashtags import canonical_tag, extract_hashtags, load_synonyms, unique_canonical
 
 
 def test_canonical_tag_folds_case_hash_and_unicode_forms():
@@ -11,7 +11,12 @@ def test_canonical_tag_folds_case_hash_and_unicode_forms():
 
 
 def test_hashtags_are_extracted_from_captions_in_order():
-    assert extract_hashtags("Sunday at the #Beach with my #kitty! #love_it #2024 no#") == ["Beach", "kitty", "love_it", "2024"]
+    assert extract_hashtags("Sunday at the #Beach with my #kitty! #love_it #2024 no#") == [
+        "Beach",
+        "kitty",
+        "love_it",
+        "2024",
+    ]
 
 
 def test_unique_canonical_keeps_first_occurrence():

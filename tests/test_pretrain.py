@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from wsl.config import load
 from wsl.errors import WslError
 from wsl.models import PAPER_MODELS, build_model, count_parameters
-from wsl.optim import OptimConfig, lr_factor
-from wsl.pretrain import soft_target_cross_entropy
-from wsl.run import load_config, run_pretraining
+from wsl.train.optim import OptimConfig, lr_factor
+from wsl.train.pretrain import Config, run_pretraining, soft_target_cross_entropy
+from wsl.train.runner import resume_checkpoint
 
 WSL = str(Path(sys.executable).parent / "wsl")
 
@@ -62,12 +62,23 @@ def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, 
     secret = "wsl-test-key-" + "0123456789abcdef" * 2
     monkeypatch.setenv("WANDB_API_KEY", secret)
     overrides = [
-        f"run_dir={tmp_path / 'run'}", "model=resnext14_8x4d", "max_steps=4", "val_every_steps=2",
-        "checkpoint_every_steps=2", f"data.shards={demo['shards']}", f"data.val_shards={demo['shards']}/demo-000006.tar",
-        f"data.vocab={demo['vocab_path']}", "data.batch_size=4", "data.num_workers=0", "data.image_size=32",
-        "data.val_batches=2", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "wandb.table_every=2",
+        f"run_dir={tmp_path / 'run'}",
+        "model=resnext14_8x4d",
+        "max_steps=4",
+        "val_every_steps=2",
+        "checkpoint_every_steps=2",
+        f"data.shards={demo['shards']}",
+        f"data.val_shards={demo['shards']}/demo-000006.tar",
+        f"data.vocab={demo['vocab_path']}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.image_size=32",
+        "data.val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "wandb.table_every=2",
     ]
-    result = run_pretraining(load_config("configs/pretrain/demo.yaml", overrides))
+    result = run_pretraining(load(Config, ["configs/pretrain/demo.yaml"], overrides))
     run = tmp_path / "run"
     assert result["global_step"] == 4 and (run / "checkpoints" / "last.ckpt").is_file()
     assert 0 <= result["metrics"]["val/precision@1"] <= 1
@@ -80,7 +91,7 @@ def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, 
     with open(run / "metrics.csv") as rows:
         logged = list(csv.DictReader(rows))
     assert any(row.get("train/loss") for row in logged) and any(row.get("val/precision@1") for row in logged)
-    resumed = run_pretraining(load_config("configs/pretrain/demo.yaml", [*overrides, "max_steps=6"]))
+    resumed = run_pretraining(load(Config, ["configs/pretrain/demo.yaml"], [*overrides, "max_steps=6"]))
     assert resumed["global_step"] == 6
     assert resumed["wandb_dir"] == str(max(run.glob("wandb/offline-run-*")))  # the resumed run's own files
     written = [p for p in run.rglob("*") if p.is_file()]
@@ -89,38 +100,55 @@ def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, 
 
 def test_unknown_config_key_names_it():
     with pytest.raises(WslError, match="unknown config key 'optimizer'"):
-        load_config(None, ["optimizer.lr=0.1"])
+        load(Config, [], ["optimizer.lr=0.1"])
 
 
 def _tiny_overrides(demo, run_dir, *extra: str) -> list[str]:
     return [
-        f"run_dir={run_dir}", "model=resnext14_8x4d", f"data.shards={demo['shards']}", f"data.vocab={demo['vocab_path']}",
-        "data.val_shards=null", "data.batch_size=4", "data.num_workers=0", "data.image_size=32",
-        "trainer.enable_progress_bar=false", "wandb.mode=disabled", *extra,
+        f"run_dir={run_dir}",
+        "model=resnext14_8x4d",
+        f"data.shards={demo['shards']}",
+        f"data.vocab={demo['vocab_path']}",
+        "data.val_shards=null",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.image_size=32",
+        "trainer.enable_progress_bar=false",
+        "wandb.mode=disabled",
+        *extra,
     ]
 
 
 @pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_to_the_same_number_of_optimizer_steps(demo, tmp_path):
     def command(run_dir):
-        return [WSL, "pretrain", "--config", "configs/pretrain/demo.yaml",
-                *_tiny_overrides(demo, run_dir, "max_steps=16", "checkpoint_every_steps=4", "val_every_steps=1000")]
+        return [
+            WSL,
+            "pretrain",
+            "--config",
+            "configs/pretrain/demo.yaml",
+            *_tiny_overrides(demo, run_dir, "max_steps=16", "checkpoint_every_steps=4", "val_every_steps=1000"),
+        ]
 
-    killed = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (tmp_path / "killed" / "checkpoints" / "step0000008.ckpt").exists():
-        assert killed.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    # The run kills itself (SIGKILL) right after its step-8 checkpoint is written: no race with a poller.
+    killed = subprocess.run([*command(tmp_path / "killed"), "stop_after_step=8"], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("step*.ckpt")) == [
+        "step0000004.ckpt",
+        "step0000008.ckpt",
+    ]
+    newest = resume_checkpoint(tmp_path / "killed")
+    assert torch.load(newest, weights_only=False)["global_step"] == 8
     resumed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     start = re.search(r"resuming from (\S+)", resumed.stdout)
-    assert start and 8 <= torch.load(start.group(1), weights_only=False)["global_step"] < 16
+    assert start and start.group(1) == str(newest)
     assert "optimizer steps: 16" in resumed.stdout
     straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    ends = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False) for run in ("killed", "straight")]
+    ends = [
+        torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False) for run in ("killed", "straight")
+    ]
     assert [e["global_step"] for e in ends] == [16, 16]
     assert [e["lr_schedulers"][0]["last_epoch"] for e in ends] == [16, 16]  # the schedule continued, not restarted
 
@@ -128,14 +156,16 @@ def test_a_run_killed_mid_way_resumes_to_the_same_number_of_optimizer_steps(demo
 DDP_SCRIPT = """
 import json, sys, torch
 import pytorch_lightning as pl
-from wsl.run import load_config, run_pretraining
+from wsl.config import load
+from wsl.train.pretrain import Config, run_pretraining
+from wsl.train.runner import resume_checkpoint
 
 class SaveWeights(pl.Callback):
     def on_fit_end(self, trainer, module):
         params = {k: v.detach().clone() for k, v in module.named_parameters()}
         torch.save({"params": params, "step": trainer.global_step}, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
 
-run_pretraining(load_config("configs/pretrain/demo.yaml", sys.argv[2:]), callbacks=[SaveWeights()])
+run_pretraining(load(Config, ["configs/pretrain/demo.yaml"], sys.argv[2:]), callbacks=[SaveWeights()])
 """
 
 
@@ -144,12 +174,24 @@ def test_two_process_ddp_on_uneven_shards_ends_with_equal_steps_and_identical_we
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     overrides = _tiny_overrides(
-        demo, tmp_path / "run", "max_steps=6", "checkpoint_every_steps=100", "val_every_steps=1000",
-        f"data.shards={demo['shards']}/demo-{{000000..000002}}.tar", "data.resampled=false",  # 2 shards vs 1
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        demo,
+        tmp_path / "run",
+        "max_steps=6",
+        "checkpoint_every_steps=100",
+        "val_every_steps=1000",
+        f"data.shards={demo['shards']}/demo-{{000000..000002}}.tar",
+        "data.resampled=false",  # 2 shards vs 1
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
     )
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), *overrides], capture_output=True, text=True,
-                            timeout=300, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["step"] == ranks[1]["step"] == 6
@@ -167,15 +209,17 @@ class _RecordKeys(pl.Callback):
 
 @pytest.mark.slow
 def test_a_resumed_run_draws_fresh_samples_instead_of_replaying_its_first_batches(demo, tmp_path):
-    overrides = _tiny_overrides(demo, tmp_path / "a", "max_steps=4", "checkpoint_every_steps=2", "val_every_steps=1000",
-                                "data.num_workers=1")  # the stream is pickled into a worker process
+    overrides = _tiny_overrides(
+        demo, tmp_path / "a", "max_steps=4", "checkpoint_every_steps=2", "val_every_steps=1000", "data.num_workers=1"
+    )  # the stream is pickled into a worker process
     straight = _RecordKeys()
-    run_pretraining(load_config("configs/pretrain/demo.yaml", overrides), callbacks=[straight])
+    run_pretraining(load(Config, ["configs/pretrain/demo.yaml"], overrides), callbacks=[straight])
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "a" / "checkpoints" / "step0000002.ckpt", tmp_path / "b" / "checkpoints")
     resumed = _RecordKeys()
-    result = run_pretraining(load_config("configs/pretrain/demo.yaml", [*overrides, f"run_dir={tmp_path / 'b'}"]),
-                             callbacks=[resumed])
+    result = run_pretraining(
+        load(Config, ["configs/pretrain/demo.yaml"], [*overrides, f"run_dir={tmp_path / 'b'}"]), callbacks=[resumed]
+    )
     assert result["global_step"] == 4 and len(resumed.keys) == 2
     assert resumed.keys != straight.keys[:2], "the resumed run replayed the stream's first batches"
     assert resumed.keys != straight.keys[2:]  # and it is a stream of its own (seeded by step 2)
@@ -183,8 +227,8 @@ def test_a_resumed_run_draws_fresh_samples_instead_of_replaying_its_first_batche
 
 def test_unknown_data_or_optim_keys_are_named_and_a_config_needs_shards_and_vocab():
     with pytest.raises(WslError, match="unknown config key 'data.batchsize'"):
-        load_config("configs/pretrain/demo.yaml", ["data.batchsize=3"])
+        load(Config, ["configs/pretrain/demo.yaml"], ["data.batchsize=3"])
     with pytest.raises(WslError, match="unknown config key 'optim.lr'"):
-        load_config(None, ["optim.lr=0.1"])
-    with pytest.raises(WslError, match="needs data.shards and data.vocab"):
-        run_pretraining(load_config(None, []))
+        load(Config, [], ["optim.lr=0.1"])
+    with pytest.raises(WslError, match="config key 'data.shards' is required"):
+        load(Config, [], [])

@@ -15,12 +15,13 @@ import torch
 import torchvision
 
 import wsl
-from wsl.checkpoints import file_sha256
-from wsl.cli import build_parser
+from wsl.config import load
 from wsl.errors import WslError
 from wsl.models import build_model
-from wsl.release import export
-from wsl.run import load_config, run_pretraining
+from wsl.release.checkpoints import file_sha256
+from wsl.release.export import export
+from wsl.train.pretrain import Config as PretrainConfig
+from wsl.train.pretrain import run_pretraining
 
 REPO = str(Path(__file__).parent.parent)
 
@@ -33,11 +34,27 @@ class _KeepNetwork(pl.Callback):
 @pytest.mark.slow
 def test_pretrain_export_and_load_in_one_line_or_through_torch_hub_give_the_trained_features(demo, tmp_path):
     kept = _KeepNetwork()
-    run_pretraining(load_config("configs/pretrain/demo.yaml", [
-        f"run_dir={tmp_path / 'run'}", "max_steps=2", "val_every_steps=100", f"data.shards={demo['shards']}",
-        "data.val_shards=null", f"data.vocab={demo['vocab_path']}", "data.batch_size=4", "data.num_workers=0",
-        "data.image_size=32", "channels_last=false", "trainer.enable_progress_bar=false", "wandb.mode=disabled",
-    ]), callbacks=[kept])  # the same memory layout as the loaded copies, so the same kernels and bit-equal features
+    run_pretraining(
+        load(
+            PretrainConfig,
+            ["configs/pretrain/demo.yaml"],
+            [
+                f"run_dir={tmp_path / 'run'}",
+                "max_steps=2",
+                "val_every_steps=100",
+                f"data.shards={demo['shards']}",
+                "data.val_shards=null",
+                f"data.vocab={demo['vocab_path']}",
+                "data.batch_size=4",
+                "data.num_workers=0",
+                "data.image_size=32",
+                "channels_last=false",
+                "trainer.enable_progress_bar=false",
+                "wandb.mode=disabled",
+            ],
+        ),
+        callbacks=[kept],
+    )  # the same memory layout as the loaded copies, so the same kernels and bit-equal features
     release = export(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "release", vocab=demo["vocab_path"])
     metadata = json.loads((release / "metadata.json").read_text())
     for entry in metadata["files"].values():
@@ -60,8 +77,14 @@ def test_pretrain_export_and_load_in_one_line_or_through_torch_hub_give_the_trai
 
     card = (release / "README.md").read_text()  # the model card renders the metadata
     assert card.startswith("# wsl_resnext14_8x4d\n")
-    for value in (metadata["architecture"], metadata["head"]["vocab_sha256"], metadata["files"]["safetensors"]["sha256"],
-                  metadata["files"]["pth"]["file"], f"{metadata['head']['num_classes']} classes", metadata["wsl_version"]):
+    for value in (
+        metadata["architecture"],
+        metadata["head"]["vocab_sha256"],
+        metadata["files"]["safetensors"]["sha256"],
+        metadata["files"]["pth"]["file"],
+        f"{metadata['head']['num_classes']} classes",
+        metadata["wsl_version"],
+    ):
         assert str(value) in card
     assert json.loads(card.split("```json\n")[1].split("```")[0]) == metadata["training_config"]
 
@@ -114,12 +137,3 @@ def test_a_truncated_or_replaced_release_file_is_refused(tmp_path):
     pth_file.write_bytes(pth_file.read_bytes()[:5000])
     with pytest.raises(WslError, match="SHA-256 does not start with"):
         wsl.load_backbone(pth_file)
-
-
-def test_export_help_documents_every_option():
-    parser = build_parser("export")
-    export_parser = parser._subparsers._group_actions[0].choices["export"]
-    text = export_parser.format_help()
-    for action in export_parser._actions:
-        assert action.help, f"{action.option_strings} has no help"
-        assert all(option in text for option in action.option_strings)

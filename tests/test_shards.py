@@ -3,7 +3,7 @@ import tarfile
 
 from conftest import jpeg_bytes, write_tar
 
-from wsl.shards import read_input_shards, read_jsonl, write_shards
+from wsl.data.shards import read_input_shards, read_jsonl, write_shards
 
 
 def test_demo_shards_hold_jpg_and_json_members(demo):
@@ -17,12 +17,16 @@ def test_demo_shards_hold_jpg_and_json_members(demo):
 
 def test_broken_demo_files_are_reported_with_reasons_and_nothing_else_is_lost(demo):
     stats = demo["stats"]
-    lines = (demo["summary"]["annotations"])
+    lines = demo["summary"]["annotations"]
     total_lines = sum(1 for line in open(lines) if line.strip())
     assert stats["samples"] == 600
     assert stats["samples"] + sum(stats["skipped"].values()) == total_lines
     assert stats["skipped"] == {
-        "annotation line is not JSON": 1, "corrupt image": 1, "not an image": 1, "empty file": 1, "unreadable": 1,
+        "annotation line is not JSON": 1,
+        "corrupt image": 1,
+        "not an image": 1,
+        "empty file": 1,
+        "unreadable": 1,
     }
     reasons = {item["source"]: item["reason"] for item in stats["skipped_files"]}
     assert reasons["images/broken/truncated.jpg"].startswith("corrupt image: image file is truncated")
@@ -58,12 +62,20 @@ def test_writing_the_same_input_twice_gives_byte_identical_shards(tmp_path):
 
 def test_img2dataset_shards_are_resharded_with_hashtags_from_json_or_caption_text(tmp_path):
     image = jpeg_bytes()
-    write_tar(tmp_path / "in-0.tar", [
-        ("000.jpg", image), ("000.json", json.dumps({"caption": "at the #Beach", "url": "http://x"}).encode()),
-        ("001.jpg", image), ("001.txt", b"my #cat and #dog"),
-        ("002.jpg", image), ("002.json", json.dumps({"hashtags": ["sky"]}).encode()), ("002.pth", b"not read"),
-        ("003.jpg", b"<html>error</html>"), ("003.txt", b"#broken"),
-    ])
+    write_tar(
+        tmp_path / "in-0.tar",
+        [
+            ("000.jpg", image),
+            ("000.json", json.dumps({"caption": "at the #Beach", "url": "http://x"}).encode()),
+            ("001.jpg", image),
+            ("001.txt", b"my #cat and #dog"),
+            ("002.jpg", image),
+            ("002.json", json.dumps({"hashtags": ["sky"]}).encode()),
+            ("002.pth", b"not read"),
+            ("003.jpg", b"<html>error</html>"),
+            ("003.txt", b"#broken"),
+        ],
+    )
     stats = write_shards(read_input_shards(str(tmp_path / "in-0.tar")), tmp_path / "out", prefix="p", shard_size=10)
     assert stats["samples"] == 3 and stats["skipped"] == {"not an image": 1}
     with tarfile.open(tmp_path / "out" / "p-000000.tar") as tar:

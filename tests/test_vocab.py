@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import hashtag_shards
 
+from wsl.data.vocab import Vocabulary, build_vocab, build_vocab_from_shards, imagenet_hashtags
 from wsl.errors import WslError
-from wsl.vocab import Vocabulary, build_vocab, build_vocab_from_shards, imagenet_hashtags
 
 
 def test_synonyms_are_merged_into_one_class_counted_from_real_shards(tmp_path):
@@ -46,7 +46,12 @@ def test_vocabulary_file_round_trips_and_names_itself_by_hash(tmp_path):
     loaded = Vocabulary.load(path)
     assert loaded.sha256 == vocab.sha256 and loaded.tags == ["a", "b"] and loaded.meta == {"built_from": {"x": 1}}
     data = json.loads(path.read_text())
-    assert data["sha256"] == vocab.sha256 and data["classes"][0] == {"id": 0, "tag": "a", "count": 3, "synonyms": ["aa"]}
+    assert data["sha256"] == vocab.sha256 and data["classes"][0] == {
+        "id": 0,
+        "tag": "a",
+        "count": 3,
+        "synonyms": ["aa"],
+    }
     data["classes"][1]["tag"] = "c"
     path.write_text(json.dumps(data))
     with pytest.raises(WslError, match="edited after it was built"):

@@ -20,6 +20,7 @@ from wsl.errors import WslError
 STAGE_BLOCKS = {14: [1, 1, 1, 1], 26: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 PAPER_MODELS = [f"resnext101_32x{width}d" for width in (4, 8, 16, 32, 48)]
 SMALL_MODELS = ["resnext14_8x4d", "resnext14_32x4d", "resnext26_32x2d", "resnext26_32x4d"]
+NAME_PATTERN = f"resnext{{{','.join(map(str, STAGE_BLOCKS))}}}_GxWd"
 _NAME = re.compile(r"^resnext(\d+)_(\d+)x(\d+)d$")
 
 
@@ -28,13 +29,20 @@ def list_models() -> list[str]:
     return PAPER_MODELS + SMALL_MODELS + [f"resnext{d}_32x{w}d" for d in (50, 152) for w in (4, 8)]
 
 
+def model_name_problem(name: str) -> str | None:
+    """What a model name must look like, if `name` is not a registry name (a config check)."""
+    try:
+        parse_model_name(name)
+    except WslError:
+        return f"a registry model name: {NAME_PATTERN}, e.g. {', '.join(PAPER_MODELS[:2])}"
+    return None
+
+
 def parse_model_name(name: str) -> tuple[list[int], int, int]:
     """(blocks per stage, groups, width per group) of a model name."""
     match = _NAME.match(name)
     if not match or int(match.group(1)) not in STAGE_BLOCKS:
-        raise WslError(
-            f"unknown model '{name}': use resnext{{{','.join(map(str, STAGE_BLOCKS))}}}_GxWd, e.g. {', '.join(list_models())}"
-        )
+        raise WslError(f"unknown model '{name}': use {NAME_PATTERN}, e.g. {', '.join(list_models())}")
     return STAGE_BLOCKS[int(match.group(1))], int(match.group(2)), int(match.group(3))
 
 

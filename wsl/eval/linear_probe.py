@@ -17,8 +17,16 @@ import torch.nn.functional as F
 from wsl.errors import WslError
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, lr: float, weight_decay: float, epochs: int,
-         batch_size: int, seed: int) -> torch.nn.Module:
+def _fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
     linear = torch.nn.Linear(x.shape[1], num_classes)
@@ -31,7 +39,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, lr: float, weight_d
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             loss = F.cross_entropy(linear(xs[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -57,13 +65,26 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) 
     return float((best == y[:, None]).any(1).float().mean())
 
 
-def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray, val_labels: np.ndarray,
-                 num_classes: int, lrs: tuple[float, ...] = (0.001, 0.01, 0.1), weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3),
-                 epochs: int = 100, batch_size: int = 256, holdout: float = 0.2, seed: int = 0) -> dict:
+def linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    num_classes: int,
+    lrs: tuple[float, ...] = (0.001, 0.01, 0.1),
+    weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3),
+    epochs: int = 100,
+    batch_size: int = 256,
+    holdout: float = 0.2,
+    seed: int = 0,
+) -> dict:
     """Val top-1/top-5 of the linear classifier whose (lr, weight decay) did best on the held-out split."""
     if not 0 < holdout < 1:
         raise WslError(f"linear.holdout must be between 0 and 1, not {holdout}")
-    x, y = torch.from_numpy(np.asarray(train_features, np.float32)), torch.from_numpy(np.asarray(train_labels, np.int64))
+    x, y = (
+        torch.from_numpy(np.asarray(train_features, np.float32)),
+        torch.from_numpy(np.asarray(train_labels, np.int64)),
+    )
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     cut = max(1, int(len(x) * holdout))
     held, fit = order[:cut], order[cut:]
@@ -72,8 +93,15 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, val_featu
     for lr, weight_decay in itertools.product(lrs, weight_decays):
         model = _fit(x[fit], y[fit], num_classes, lr, weight_decay, epochs, batch_size, seed)
         grid[(lr, weight_decay)] = _accuracy(model, x[held], y[held], 1)
-    lr, weight_decay = max(grid, key=lambda setting: (grid[setting], -setting[1], -setting[0]))  # ties: less decay, smaller lr
+    lr, weight_decay = max(
+        grid, key=lambda setting: (grid[setting], -setting[1], -setting[0])
+    )  # ties: less decay, smaller lr
     model = _fit(x, y, num_classes, lr, weight_decay, epochs, batch_size, seed)
     xv, yv = torch.from_numpy(np.asarray(val_features, np.float32)), torch.from_numpy(np.asarray(val_labels, np.int64))
-    return {"top1": _accuracy(model, xv, yv, 1), "top5": _accuracy(model, xv, yv, 5), "lr": lr, "weight_decay": weight_decay,
-            "holdout_top1": {f"lr={a},wd={b}": v for (a, b), v in grid.items()}}
+    return {
+        "top1": _accuracy(model, xv, yv, 1),
+        "top5": _accuracy(model, xv, yv, 5),
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "holdout_top1": {f"lr={a},wd={b}": v for (a, b), v in grid.items()},
+    }

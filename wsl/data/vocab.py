@@ -11,16 +11,18 @@ import collections
 import concurrent.futures as cf
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
+from wsl.config import REQUIRED, option
+from wsl.data.hashtags import canonical_tag, load_synonyms, unique_canonical
+from wsl.data.shards import expand_shard_spec, is_meta_member, read_shard_samples, sample_hashtags
 from wsl.errors import WslError
-from wsl.hashtags import canonical_tag, load_synonyms, unique_canonical
-from wsl.shards import expand_shard_spec, is_meta_member, sample_hashtags
+from wsl.files import write_json
 
 FORMAT = "wsl-vocab"
 FORMAT_VERSION = 1
@@ -90,17 +92,15 @@ class Vocabulary:
             "num_classes": len(self.classes),
             **self.meta,
             "classes": [
-                {"id": i, "tag": c.tag, "count": c.count, "synonyms": list(c.synonyms)} for i, c in enumerate(self.classes)
+                {"id": i, "tag": c.tag, "count": c.count, "synonyms": list(c.synonyms)}
+                for i, c in enumerate(self.classes)
             ],
         }
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
@@ -112,11 +112,15 @@ class Vocabulary:
         except json.JSONDecodeError as exn:
             raise WslError(f"{path} is not a vocabulary file: not JSON ({exn})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise WslError(f"{path} is not a vocabulary file (no \"format\": \"{FORMAT}\")")
+            raise WslError(f'{path} is not a vocabulary file (no "format": "{FORMAT}")')
         if data.get("format_version", 0) > FORMAT_VERSION:
-            raise WslError(f"{path} has vocabulary format {data['format_version']}; this wsl reads up to {FORMAT_VERSION}")
+            raise WslError(
+                f"{path} has vocabulary format {data['format_version']}; this wsl reads up to {FORMAT_VERSION}"
+            )
         classes = [VocabClass(c["tag"], int(c["count"]), tuple(c.get("synonyms", ()))) for c in data["classes"]]
-        meta = {k: v for k, v in data.items() if k not in ("format", "format_version", "sha256", "num_classes", "classes")}
+        meta = {
+            k: v for k, v in data.items() if k not in ("format", "format_version", "sha256", "num_classes", "classes")
+        }
         vocab = cls(classes, meta)
         if data.get("sha256") and data["sha256"] != vocab.sha256:
             raise WslError(f"{path} was edited after it was built (sha256 mismatch); rebuild it with `wsl vocab`")
@@ -127,9 +131,8 @@ class Vocabulary:
 
         Catches a vocabulary built for other shards before a long job starts.
         """
-        dataset = wds.DataPipeline(wds.SimpleShardList(urls[:1]), wds.tarfile_to_samples(select_files=is_meta_member))
         seen = matched = 0
-        for sample in dataset:
+        for sample in read_shard_samples(urls[:1], members=is_meta_member):
             seen += 1
             matched += bool(self.class_ids(sample_hashtags(sample)))
             if seen >= max_samples:
@@ -146,7 +149,7 @@ def _count_shard(url: str) -> tuple[collections.Counter, int]:
     """Per-image counts of canonical hashtags in one shard (images are never read)."""
     counts: collections.Counter = collections.Counter()
     samples = 0
-    for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(select_files=is_meta_member)):
+    for sample in read_shard_samples([url], members=is_meta_member):
         counts.update(unique_canonical(sample_hashtags(sample)))
         samples += 1
     return counts, samples
@@ -237,4 +240,34 @@ def build_vocab_from_shards(
         min_count=min_count,
         base_tags=imagenet_hashtags() if imagenet else None,
         meta=meta,
+    )
+
+
+@dataclass
+class Config:
+    """`wsl vocab`: count the shards' hashtags and write the hashtag vocabulary."""
+
+    shards: str = option(REQUIRED, "shards: paths, a directory, {a..b} patterns, URLs; '::' joins")
+    out: str = option(REQUIRED, "vocabulary JSON to write")
+    synonyms: str | None = option(None, "synonym file: `canonical: synonym, synonym` a line")
+    top_k: int | None = option(None, "keep the k most frequent classes (null: all)", minimum=1)
+    min_count: int = option(1, "keep classes with at least this many images", minimum=1)
+    imagenet: bool = option(False, "only the 1,000 ImageNet class names as hashtags (+synonyms)")
+    workers: int = option(os.cpu_count() or 1, "shards read at once", minimum=1)
+
+
+def main(config: Config) -> str:
+    if config.synonyms and not Path(config.synonyms).is_file():
+        raise WslError(f"synonym file not found: {config.synonyms}")
+    vocab = build_vocab_from_shards(
+        config.shards,
+        synonyms_file=config.synonyms,
+        top_k=config.top_k,
+        min_count=config.min_count,
+        imagenet=config.imagenet,
+        workers=config.workers,
+    )
+    path = vocab.save(config.out)
+    return f"vocabulary {vocab.short_hash}: {len(vocab)} classes -> {path}\n  most frequent: " + ", ".join(
+        f"#{c.tag} ({c.count})" for c in vocab.classes[:8]
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import platform
 import time
@@ -25,11 +24,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from wsl.data import TrainDataConfig, TrainLoader
-from wsl.demo_data import _draw_object, _random_object, _scene
-from wsl.shards import read_jsonl, write_shards
-from wsl.transforms import IMAGENET_MEAN, IMAGENET_STD
-from wsl.vocab import build_vocab
+from wsl.data.demo import draw_object, random_object, scene_background
+from wsl.data.shards import read_jsonl, write_shards
+from wsl.data.stream import TrainDataConfig, TrainLoader
+from wsl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsl.data.vocab import build_vocab
 
 SIZES = [(800, 600), (1080, 1080), (1280, 960), (1600, 1200)]
 
@@ -41,9 +40,9 @@ def make_images(folder: Path, count: int, quality: int) -> Path:
     for i in range(count):
         rng = np.random.default_rng([7, i])
         width, height = SIZES[i % len(SIZES)]
-        img = _scene(rng, ["sky", "grass", "sand", "brick"][i % 4], width, height)
+        img = scene_background(rng, ["sky", "grass", "sand", "brick"][i % 4], width, height)
         for _ in range(3):
-            _draw_object(rng, img, *_random_object(rng))
+            draw_object(rng, img, *random_object(rng))
         path = folder / "images" / f"{i:05d}.jpg"
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=quality)
         lines.append(json.dumps({"path": f"images/{path.name}", "hashtags": ["photo"]}))
@@ -52,7 +51,9 @@ def make_images(folder: Path, count: int, quality: int) -> Path:
 
 
 def bench_baseline(paths: list[Path], images: int) -> float:
-    transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = T.Compose(
+        [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
     started = time.perf_counter()
     for i in range(images):
         with Image.open(paths[i % len(paths)]) as image:
@@ -62,8 +63,15 @@ def bench_baseline(paths: list[Path], images: int) -> float:
 
 def bench_pipeline(shards: Path, images: int, batch_size: int = 32) -> float:
     vocab = build_vocab(collections.Counter({"photo": 1}))
-    config = TrainDataConfig(shards=str(shards), vocab="", batch_size=batch_size, num_workers=0,
-                             resample_exponent=0.0, samples_per_epoch=images, shuffle_buffer=256)
+    config = TrainDataConfig(
+        shards=str(shards),
+        vocab="",
+        batch_size=batch_size,
+        num_workers=0,
+        resample_exponent=0.0,
+        samples_per_epoch=images,
+        shuffle_buffer=256,
+    )
     loader = TrainLoader(config, vocab, rank=0, world_size=1)
     started, seen = time.perf_counter(), 0
     for batch in loader:
@@ -76,14 +84,20 @@ def main() -> None:
     parser.add_argument("--out", default="bench/data", help="working folder (default: %(default)s)")
     parser.add_argument("--files", type=int, default=128, help="distinct JPEG files (default: %(default)s)")
     parser.add_argument("--images", type=int, default=768, help="images timed per method (default: %(default)s)")
-    parser.add_argument("--quality", type=int, default=80, help="JPEG quality of the test images (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the best counts (default: %(default)s)")
+    parser.add_argument(
+        "--quality", type=int, default=80, help="JPEG quality of the test images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per method; the best counts (default: %(default)s)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out) / f"q{args.quality}"
     annotations = out / "annotations.jsonl"
     if not annotations.is_file() or sum(1 for _ in open(annotations)) != args.files:
-        print(f"writing {args.files} JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}, quality {args.quality}) to {out}")
+        print(
+            f"writing {args.files} JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}, quality {args.quality}) to {out}"
+        )
         annotations = make_images(out, args.files, args.quality)
         samples, problems = read_jsonl(annotations)
         write_shards(samples, out / "shards", prefix="bench", shard_size=32, workers=1, input_problems=problems)
@@ -96,8 +110,11 @@ def main() -> None:
         ("baseline: full Pillow decode + torchvision transforms", baseline),
         ("wsl TrainLoader (shards, draft decode, targets, batching)", pipeline),
     ]
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 core, "
-          f"{len(paths)} JPEGs at quality {args.quality} averaging {mean_bytes / 1024:.0f} KiB, best of {args.repeats} x {args.images} images")
+    print(
+        f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 core, "
+        f"{len(paths)} JPEGs at quality {args.quality} averaging {mean_bytes / 1024:.0f} KiB, "
+        f"best of {args.repeats} x {args.images} images"
+    )
     print(f"{'method':60s} {'images/s/core':>14s}")
     for name, rate in rows:
         print(f"{name:60s} {rate:14.1f}")

@@ -59,7 +59,8 @@ def load_synonyms(path: str | Path) -> dict[str, list[str]]:
         for tag in tags:
             if tag in owner and owner[tag] != head:
                 raise WslError(
-                    f"{path}:{line_no}: '{tag}' is already a synonym of '{owner[tag]}'; a tag can belong to one class only"
+                    f"{path}:{line_no}: '{tag}' is already a synonym of '{owner[tag]}'; "
+                    "a tag can belong to one class only"
                 )
             owner[tag] = head
         groups.setdefault(head, [])

@@ -28,8 +28,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from wsl.config import REQUIRED, option
+from wsl.data.hashtags import canonical_tag, extract_hashtags
 from wsl.errors import WslError
-from wsl.hashtags import canonical_tag, extract_hashtags
+from wsl.files import write_atomic
 
 FORMAT_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -37,7 +39,7 @@ TEXT_EXTENSIONS = ("json", "txt", "cls")
 SIZES_FILE = "sizes.json"
 STATS_FILE = "stats.json"
 # Fixed tar member mtime, so the same input always gives byte-identical shards.
-_MTIME = 1_500_000_000
+TAR_MTIME = 1_500_000_000
 _MAX_EXAMPLES = 1000  # skipped files listed by name in stats.json
 
 
@@ -74,6 +76,13 @@ def sample_hashtags(sample: dict) -> list[str]:
     if "txt" in sample:
         return extract_hashtags(sample["txt"].decode("utf-8", errors="replace"))
     return []
+
+
+def read_shard_samples(urls: list[str], members=is_sample_member, handler=None) -> wds.DataPipeline:
+    """The samples of shards, in order: only the members `members(name)` accepts are read;
+    `handler` (webdataset's) decides what a read error does (default: raise)."""
+    kwargs = {"handler": handler} if handler is not None else {}
+    return wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(select_files=members, **kwargs))
 
 
 def expand_shard_spec(spec: str | Path | Iterable[str | Path]) -> list[str]:
@@ -176,30 +185,34 @@ def _checked_jpeg(data: bytes) -> tuple[bytes, str | None]:
 def _write_one_shard(path: Path, samples: list[SourceSample]) -> ShardResult:
     """Validate and write one shard to a temporary name, then rename it into place."""
     result = ShardResult(name=path.name, samples=0)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_MTIME) as writer:
-        for sample in samples:
-            source = sample.source or sample.path or sample.key
-            if sample.image is None:
-                try:
-                    data = Path(sample.path).read_bytes()
-                except OSError as exn:
-                    result.skipped.append((source, f"unreadable: {exn.strerror or exn}"))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
+            for sample in samples:
+                source = sample.source or sample.path or sample.key
+                if sample.image is None:
+                    try:
+                        data = Path(sample.path).read_bytes()
+                    except OSError as exn:
+                        result.skipped.append((source, f"unreadable: {exn.strerror or exn}"))
+                        continue
+                else:
+                    data = sample.image
+                if not data:
+                    result.skipped.append((source, "empty file"))
                     continue
-            else:
-                data = sample.image
-            if not data:
-                result.skipped.append((source, "empty file"))
-                continue
-            jpeg, reason = _checked_jpeg(data)
-            if reason:
-                result.skipped.append((source, reason))
-                continue
-            tags = [str(t) for t in sample.meta.get("hashtags", [])]
-            writer.write({"__key__": sample.key, "jpg": jpeg, "json": json.dumps(sample.meta, ensure_ascii=False).encode()})
-            result.samples += 1
-            result.hashtag_counts.update({canonical_tag(t) for t in tags} - {""})
-    os.replace(tmp, path)
+                jpeg, reason = _checked_jpeg(data)
+                if reason:
+                    result.skipped.append((source, reason))
+                    continue
+                tags = [str(t) for t in sample.meta.get("hashtags", [])]
+                writer.write(
+                    {"__key__": sample.key, "jpg": jpeg, "json": json.dumps(sample.meta, ensure_ascii=False).encode()}
+                )
+                result.samples += 1
+                result.hashtag_counts.update({canonical_tag(t) for t in tags} - {""})
+
+    write_atomic(path, write)
     return result
 
 
@@ -243,7 +256,9 @@ def read_jsonl(jsonl: Path, images_root: Path | None = None) -> tuple[Iterator[S
                     bad_lines.append((where, "annotation line has no 'path'"))
                     continue
                 path = root / record["path"]
-                yield SourceSample(key=f"{line_no:09d}", meta=_sample_meta(record), path=str(path), source=record["path"])
+                yield SourceSample(
+                    key=f"{line_no:09d}", meta=_sample_meta(record), path=str(path), source=record["path"]
+                )
 
     return samples(), bad_lines
 
@@ -251,11 +266,7 @@ def read_jsonl(jsonl: Path, images_root: Path | None = None) -> tuple[Iterator[S
 def read_input_shards(spec: str) -> Iterator[SourceSample]:
     """Samples of img2dataset-style shards (`key.jpg` + `key.json` and/or `key.txt`)."""
     urls = expand_shard_spec(spec)
-    dataset = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(select_files=is_sample_member),
-    )
-    for sample in dataset:
+    for sample in read_shard_samples(urls):
         record = json.loads(sample["json"]) if "json" in sample else {}
         if "hashtags" not in record and "caption" not in record and "txt" in sample:
             record["caption"] = sample["txt"].decode("utf-8", errors="replace")
@@ -296,7 +307,7 @@ def write_shards(
     if shard_size < 1:
         raise WslError(f"shard_size must be at least 1, got {shard_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{prefix}-*.tar*"):
+    for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp")]:
         stale.unlink()  # a previous run's shards (or .tmp leftovers of a killed one)
     started = time.time()
     results: list[ShardResult] = []
@@ -336,3 +347,45 @@ def write_shards(
     if not sizes:
         raise WslError("no input samples: nothing was written")
     return stats
+
+
+@dataclass
+class Config:
+    """`wsl shards`: write images + hashtags into WebDataset tar shards (give jsonl or input_shards)."""
+
+    jsonl: str | None = option(None, 'annotations, one {"path", "hashtags"} or {"path", "caption"} a line')
+    images_root: str | None = option(None, "folder the JSONL paths are relative to (null: the JSONL's folder)")
+    input_shards: str | None = option(
+        None, "img2dataset-style shards (key.jpg + key.json/key.txt): paths, dirs, {a..b}"
+    )
+    out: str = option(REQUIRED, "output folder")
+    prefix: str = option("shard", "shard names are PREFIX-NNNNNN.tar")
+    shard_size: int = option(1000, "samples a shard (5,000-10,000 at scale: ~0.5-1 GB shards)", minimum=1)
+    workers: int = option(os.cpu_count() or 1, "shards written at once", minimum=1)
+
+
+def main(config: Config) -> str:
+    if bool(config.jsonl) == bool(config.input_shards):
+        raise WslError("give exactly one input: jsonl=FILE or input_shards=SPEC")
+    problems: list[tuple[str, str]] = []
+    if config.jsonl:
+        root = Path(config.images_root) if config.images_root else None
+        samples, problems = read_jsonl(Path(config.jsonl), root)
+    else:
+        samples = read_input_shards(config.input_shards)
+    stats = write_shards(
+        samples,
+        Path(config.out),
+        prefix=config.prefix,
+        shard_size=config.shard_size,
+        workers=config.workers,
+        input_problems=problems,
+    )
+    skipped = sum(stats["skipped"].values())
+    lines = [
+        f"wrote {stats['samples']} samples in {len(stats['shards'])} shards to {config.out} "
+        f"({config.prefix}-NNNNNN.tar; sizes.json, stats.json)",
+        f"skipped {skipped} input(s): " + (json.dumps(stats["skipped"]) if skipped else "none"),
+    ]
+    lines += [f"  skipped {item['source']}: {item['reason']}" for item in stats["skipped_files"][:10]]
+    return "\n".join(lines)

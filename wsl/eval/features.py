@@ -20,16 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from wsl.checkpoints import file_sha256, load_weights
-from wsl.data import (DATA_ERRORS, SkipCounter, dataloader_worker, distributed_rank, image_key, is_image_folder,
-                      labelled_images)
+from wsl.config import REQUIRED, option, require_file
+from wsl.data.bad_samples import DATA_ERRORS, SkipCounter
+from wsl.data.folders import image_key, is_image_folder, labelled_images
+from wsl.data.shards import expand_shard_spec, read_shard_samples, sample_image_bytes
+from wsl.data.transforms import EvalTransform
+from wsl.distributed import dataloader_worker, distributed_rank, local_device
 from wsl.errors import WslError
-from wsl.models import ResNeXt, build_model
-from wsl.shards import expand_shard_spec, is_sample_member, sample_image_bytes
-from wsl.transforms import EvalTransform
+from wsl.files import write_atomic, write_json
+from wsl.models import ResNeXt, build_model, model_name_problem
+from wsl.release.checkpoints import file_sha256, load_weights
 
 FORMAT = "wsl-features-1"
 
@@ -67,7 +69,7 @@ class _UnitImages(IterableDataset):
             for path, label in unit.items:
                 yield image_key(path, self.root), path, label
             return
-        for sample in wds.DataPipeline(wds.SimpleShardList([unit.url]), wds.tarfile_to_samples(select_files=is_sample_member)):
+        for sample in read_shard_samples([unit.url]):
             yield sample["__key__"], sample, int(sample["cls"]) if "cls" in sample else -1
 
     def __iter__(self) -> Iterator[dict]:
@@ -85,25 +87,58 @@ class _UnitImages(IterableDataset):
                 keys.append(key)
                 labels.append(label)
                 if len(images) == self.batch_size:
-                    yield {"unit": unit.index, "image": torch.stack(images), "key": keys, "label": labels, "last": False}
+                    yield {
+                        "unit": unit.index,
+                        "image": torch.stack(images),
+                        "key": keys,
+                        "label": labels,
+                        "last": False,
+                    }
                     images, keys, labels = [], [], []
-            yield {"unit": unit.index, "image": torch.stack(images) if images else torch.empty(0, 3, 1, 1),
-                   "key": keys, "label": labels, "last": True, "skipped": counter.counts["corrupt_image"]}
+            yield {
+                "unit": unit.index,
+                "image": torch.stack(images) if images else torch.empty(0, 3, 1, 1),
+                "key": keys,
+                "label": labels,
+                "last": True,
+                "skipped": counter.counts["corrupt_image"],
+            }
 
 
-def _units(source: str, classes: list[str] | None, labels_file: str | None, unit_size: int) -> tuple[list[_Unit], list[str] | None, Path | None]:
+def _units(
+    source: str, classes: list[str] | None, labels_file: str | None, unit_size: int
+) -> tuple[list[_Unit], list[str] | None, Path | None]:
     if is_image_folder(source):
         classes, items = labelled_images(source, classes, labels_file)
         blocks = range(0, len(items), unit_size)
-        return [_Unit(i, items=items[start:start + unit_size]) for i, start in enumerate(blocks)], classes, Path(source)
+        return (
+            [_Unit(i, items=items[start : start + unit_size]) for i, start in enumerate(blocks)],
+            classes,
+            Path(source),
+        )
     urls = expand_shard_spec(source)
     return [_Unit(i, url=url) for i, url in enumerate(urls)], classes, None
 
 
-def extract_features(source: str, out: str | Path, model: str, weights: str | None, *, classes: list[str] | None = None,
-                     labels_file: str | None = None, image_size: int = 224, resize: int = 256, batch_size: int = 64,
-                     num_workers: int = 4, dtype: str = "float16", unit_size: int = 1024, seed: int = 0,
-                     rank: int | None = None, world_size: int | None = None, progress: bool = True) -> Path:
+def extract_features(
+    source: str,
+    out: str | Path,
+    model: str,
+    weights: str | None,
+    *,
+    classes: list[str] | None = None,
+    labels_file: str | None = None,
+    image_size: int = 224,
+    resize: int = 256,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    dtype: str = "float16",
+    unit_size: int = 1024,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Write the features of every image of `source` under `out` (this rank's share); returns `out`."""
     if dtype not in ("float16", "float32"):
         raise WslError(f"features dtype must be float16 or float32, not {dtype}")
@@ -115,28 +150,40 @@ def extract_features(source: str, out: str | Path, model: str, weights: str | No
     if not units:
         raise WslError(f"no images in {source}")
     ident = backbone_id(model, weights, seed)
-    meta = {"format": FORMAT, "backbone": ident, "model": model, "weights": weights, "source": str(source),
-            "classes": classes, "parts": len(units), "dtype": dtype, "image_size": image_size, "resize": resize}
+    meta = {
+        "format": FORMAT,
+        "backbone": ident,
+        "model": model,
+        "weights": weights,
+        "source": str(source),
+        "classes": classes,
+        "parts": len(units),
+        "dtype": dtype,
+        "image_size": image_size,
+        "resize": resize,
+    }
     meta_file = out / "meta.json"
     if meta_file.is_file():
         previous = json.loads(meta_file.read_text())
         if previous.get("backbone") != ident or previous.get("source") != str(source):
-            raise WslError(f"{out} holds features of {previous.get('backbone')} on {previous.get('source')}, "
-                           f"not {ident} on {source}: use another folder")
+            raise WslError(
+                f"{out} holds features of {previous.get('backbone')} on {previous.get('source')}, "
+                f"not {ident} on {source}: use another folder"
+            )
     elif rank == 0:  # through a rename: another rank may be reading it
-        staging = out / "meta.json.tmp"
-        staging.write_text(json.dumps(meta, indent=1) + "\n")
-        staging.rename(meta_file)
+        write_json(meta_file, meta)
     todo = [u for u in units[rank::world_size] if not (out / f"part-{u.index:06d}.npz").is_file()]
     if not todo:
         return out
     net, report = frozen_backbone(model, weights, seed)
-    # one process per GPU (torchrun sets LOCAL_RANK)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device()
     net = net.to(device)
-    loader = torch.utils.data.DataLoader(_UnitImages(todo, root, EvalTransform(image_size, resize), batch_size),
-                                         batch_size=None, num_workers=min(num_workers, len(todo)),
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        _UnitImages(todo, root, EvalTransform(image_size, resize), batch_size),
+        batch_size=None,
+        num_workers=min(num_workers, len(todo)),
+        pin_memory=device.type == "cuda",
+    )
     pending: dict[int, dict[str, list]] = {}
     images_done, started = 0, time.time()
     total = sum(len(u.items) for u in todo) if root is not None else None
@@ -167,10 +214,18 @@ def extract_features(source: str, out: str | Path, model: str, weights: str | No
 
 def _write_part(path: Path, part: dict[str, list], ident: str, dtype: str) -> None:
     features = np.concatenate(part["features"]) if part["features"] else np.zeros((0, 0), dtype)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, features=features, label=np.asarray(part["label"], np.int64), key=np.asarray(part["key"], dtype=str),
-             backbone=np.asarray(ident))
-    tmp.rename(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as stream:  # a file object: np.savez would add ".npz" to a name
+            np.savez(
+                stream,
+                features=features,
+                label=np.asarray(part["label"], np.int64),
+                key=np.asarray(part["key"], dtype=str),
+                backbone=np.asarray(ident),
+            )
+
+    write_atomic(path, write)
 
 
 @dataclass
@@ -191,14 +246,18 @@ def load_features(folder: str | Path) -> Features:
     paths = [folder / f"part-{i:06d}.npz" for i in range(meta["parts"])]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise WslError(f"{folder} is incomplete: {len(missing)} of {len(paths)} parts missing ({missing[0]}...): "
-                       "re-run the extraction to finish it")
+        raise WslError(
+            f"{folder} is incomplete: {len(missing)} of {len(paths)} parts missing ({missing[0]}...): "
+            "re-run the extraction to finish it"
+        )
     features, labels, keys = [], [], []
     for path in paths:
         with np.load(path, allow_pickle=False) as part:
             if str(part["backbone"]) != meta["backbone"]:
-                raise WslError(f"{path} holds features of backbone {part['backbone']}, the rest of {folder} of "
-                               f"{meta['backbone']}: features from two backbones cannot be mixed")
+                raise WslError(
+                    f"{path} holds features of backbone {part['backbone']}, the rest of {folder} of "
+                    f"{meta['backbone']}: features from two backbones cannot be mixed"
+                )
             if len(part["key"]):
                 features.append(part["features"].astype(np.float32))
                 labels.append(part["label"])
@@ -206,3 +265,51 @@ def load_features(folder: str | Path) -> Features:
     if not features:
         raise WslError(f"{folder} holds no features (every image was unreadable, or the dataset is empty)")
     return Features(np.concatenate(features), np.concatenate(labels), np.concatenate(keys), meta)
+
+
+@dataclass
+class Config:
+    """`wsl features`: pooled features of a frozen backbone for every image of a dataset, written in parts
+    under `out`. On many GPUs run one process per GPU (torchrun): each writes its share, every image once.
+    Re-running finishes an interrupted extraction."""
+
+    source: str = option(REQUIRED, "image folder (class folders, or flat + labels file) or shards")
+    out: str = option(REQUIRED, "features folder (meta.json + part-NNNNNN.npz)")
+    model: str = option(REQUIRED, "architecture, e.g. resnext101_32x8d", check=model_name_problem)
+    weights: str | None = option(None, "checkpoint (.ckpt, .pth, .safetensors); null: a random initialisation")
+    val_labels: str | None = option(None, "labels file of a flat folder (null: LOC_val_solution.csv, found)")
+    image_size: int = option(224, "CenterCrop side", minimum=8)
+    resize: int = option(256, "shorter side before the center crop", minimum=8)
+    batch_size: int = option(64, "images per forward pass", minimum=1)
+    workers: int = option(min(os.cpu_count() or 1, 8), "DataLoader workers", minimum=0)
+    dtype: str = option("float16", "stored feature type", choices=("float16", "float32"))
+    unit_size: int = option(1024, "images a part, for folders", minimum=1)
+    seed: int = option(0, "seed of a random initialisation")
+
+
+def main(config: Config) -> str:
+    if config.weights:
+        require_file(config.weights, "weights", "weights file")
+    out = extract_features(
+        config.source,
+        config.out,
+        config.model,
+        config.weights,
+        labels_file=config.val_labels,
+        image_size=config.image_size,
+        resize=config.resize,
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        dtype=config.dtype,
+        unit_size=config.unit_size,
+        seed=config.seed,
+    )
+    if distributed_rank()[0] != 0:
+        return ""
+    try:
+        features = load_features(out)
+    except WslError as exn:  # other ranks are still writing their parts
+        return f"this rank's parts are written; {exn}"
+    return (
+        f"{len(features.labels)} features of {features.features.shape[1]} dims ({features.meta['backbone']}) in {out}"
+    )

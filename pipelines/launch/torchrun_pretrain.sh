@@ -1,8 +1,8 @@
 #!/bin/bash
 # Hashtag pretraining launched with torchrun, one command per node. Edit NNODES, the
 # rendezvous host and the config's data paths. On every node, from the repository root:
-#   NNODES=4 MASTER=node001 bash pipelines/torchrun_pretrain.sh
-#   NNODES=1 bash pipelines/torchrun_pretrain.sh max_steps=1000     # one node, overrides after
+#   NNODES=4 MASTER=node001 bash pipelines/launch/torchrun_pretrain.sh
+#   NNODES=1 bash pipelines/launch/torchrun_pretrain.sh max_steps=1000     # one node, overrides after
 # Lightning detects torchrun's environment and uses its ranks; it launches nothing itself.
 set -euo pipefail
 NNODES=${NNODES:-1}

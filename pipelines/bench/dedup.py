@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsl.dedup import DedupConfig, image_for_matching, run_dedup
-from wsl.demo_data import planted_duplicates
+from wsl.data.demo import planted_duplicates
+from wsl.dedup.run import DedupConfig, image_for_matching, run_dedup
 
 
 def main() -> None:
@@ -38,8 +38,14 @@ def main() -> None:
     config = DedupConfig(index=args.index)
     shutil.rmtree(out / f"filtered-{args.index}", ignore_errors=True)  # measure a whole run, not a resumed one
     started = time.time()
-    report = run_dedup(str(out / "data" / "shards"), [str(out / "data" / "eval")], out / f"filtered-{args.index}", config,
-                       workers=1, threads=1)
+    report = run_dedup(
+        str(out / "data" / "shards"),
+        [str(out / "data" / "eval")],
+        out / f"filtered-{args.index}",
+        config,
+        workers=1,
+        threads=1,
+    )
     seconds = time.time() - started
     scores, is_copy, verified = [], [], []
     for path in sorted((out / f"filtered-{args.index}" / "_dedup" / "decisions").glob("*.json")):
@@ -49,23 +55,31 @@ def main() -> None:
             verified.append(record.get("match") is not None)
     scores, is_copy = np.array(scores), np.array(is_copy)
     print(f"window index: {args.index}")
-    print(f"{is_copy.sum()} planted copies of {args.eval_images} evaluation images among {(~is_copy).sum()} other images")
+    print(
+        f"{is_copy.sum()} planted copies of {args.eval_images} evaluation images among {(~is_copy).sum()} other images"
+    )
     print(f"{'threshold':>10} {'copies removed':>15} {'others removed':>15}")
     for threshold in (0.65, 0.7, 0.73, 0.75, 0.77, 0.8, 0.85, 0.9):
         mark = "  <- default" if abs(threshold - config.threshold) < 1e-9 else ""
-        print(f"{threshold:>10.2f} {np.mean(scores[is_copy] >= threshold):>15.1%} "
-              f"{np.mean(scores[~is_copy] >= threshold):>15.2%}{mark}")
+        print(
+            f"{threshold:>10.2f} {np.mean(scores[is_copy] >= threshold):>15.1%} "
+            f"{np.mean(scores[~is_copy] >= threshold):>15.2%}{mark}"
+        )
     images = report["input_samples"]
     per_core = images / seconds
-    print(f"throughput: {per_core:.0f} images/s on 1 core (index of {report['evaluation_images']} evaluation images "
-          f"included); 1 billion images: {1e9 / per_core / 3600:,.0f} core-hours")
+    print(
+        f"throughput: {per_core:.0f} images/s on 1 core (index of {report['evaluation_images']} evaluation images "
+        f"included); 1 billion images: {1e9 / per_core / 3600:,.0f} core-hours"
+    )
     print(f"verified (retrieval similarity >= prefilter {config.prefilter}): {np.mean(verified):.1%} of the images")
 
     jpegs = [Path(p).read_bytes() for p in sorted((out / "data" / "eval").rglob("*.JPEG"))]
     jpegs = (jpegs * (2000 // len(jpegs) + 1))[:2000]
     timings = {}
-    for name, decode in (("plain full decode", lambda d: Image.open(io.BytesIO(d)).convert("RGB")),
-                         ("draft-mode decode", image_for_matching)):
+    for name, decode in (
+        ("plain full decode", lambda d: Image.open(io.BytesIO(d)).convert("RGB")),
+        ("draft-mode decode", image_for_matching),
+    ):
         tick = time.perf_counter()
         for data in jpegs:
             decode(data)

@@ -45,8 +45,10 @@ def check_name_hash(path: Path) -> None:
     """A name `...-<hex prefix>.<ext>` must match the file's SHA-256 (a truncated or swapped file does not)."""
     match = _HASH_IN_NAME.search(path.name)
     if match and not file_sha256(path).startswith(match.group(1)):
-        raise WslError(f"{path}: SHA-256 does not start with {match.group(1)} as its name says: "
-                       "the file is truncated, corrupt or not the released one")
+        raise WslError(
+            f"{path}: SHA-256 does not start with {match.group(1)} as its name says: "
+            "the file is truncated, corrupt or not the released one"
+        )
 
 
 def _state_dict_of(payload, path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -67,7 +69,7 @@ def _strip_prefixes(key: str) -> str:
         stripped = False
         for prefix in _KEY_PREFIXES:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key[len(prefix) :], True
     return key
 
 
@@ -89,8 +91,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
             raise WslError(f"{path}: not a readable safetensors file ({exn})") from None
     else:
         if _torch_version() < (2, 6):
-            raise WslError(f"{path}: refusing to unpickle with torch {torch.__version__} < 2.6 (its weights_only "
-                           "loading is unsafe, CVE-2025-32434): upgrade torch or use a .safetensors file")
+            raise WslError(
+                f"{path}: refusing to unpickle with torch {torch.__version__} < 2.6 (its weights_only "
+                "loading is unsafe, CVE-2025-32434): upgrade torch or use a .safetensors file"
+            )
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exn:
@@ -140,16 +144,23 @@ def load_weights(net: torch.nn.Module, path: str | Path, model_name: str, head: 
     missing = [k for k in required if k not in state]
     reshaped = [k for k in required if k in state and state[k].shape != expected[k].shape]
     if missing or reshaped:
-        example = f"{reshaped[0]} is {tuple(state[reshaped[0]].shape)}, not {tuple(expected[reshaped[0]].shape)}" if reshaped \
+        example = (
+            f"{reshaped[0]} is {tuple(state[reshaped[0]].shape)}, not {tuple(expected[reshaped[0]].shape)}"
+            if reshaped
             else f"{missing[0]} is missing"
-        raise WslError(f"{path} holds {held}, not {model_name}: {len(missing)} backbone tensors missing, "
-                       f"{len(reshaped)} of another shape ({example})")
+        )
+        raise WslError(
+            f"{path} holds {held}, not {model_name}: {len(missing)} backbone tensors missing, "
+            f"{len(reshaped)} of another shape ({example})"
+        )
     checkpoint_head = state.get(HEAD_PREFIX + "weight")
     head_shape = tuple(checkpoint_head.shape) if checkpoint_head is not None else None
     if head == "keep":
         if head_shape != tuple(expected[HEAD_PREFIX + "weight"].shape):
-            raise WslError(f"{path}: its classifier is {head_shape or 'missing'}, the data needs "
-                           f"{tuple(expected[HEAD_PREFIX + 'weight'].shape)}: use head=new to train a new one")
+            raise WslError(
+                f"{path}: its classifier is {head_shape or 'missing'}, the data needs "
+                f"{tuple(expected[HEAD_PREFIX + 'weight'].shape)}: use head=new to train a new one"
+            )
         loaded = {k: v for k, v in state.items() if k in expected}
         head_note = f"classifier kept ({head_shape[0]} classes)"
     else:
@@ -159,6 +170,8 @@ def load_weights(net: torch.nn.Module, path: str | Path, model_name: str, head: 
     net.load_state_dict(loaded, strict=False)
     unexpected = [k for k in state if k not in expected]
     absent = [k for k in expected if k not in loaded and not k.startswith(HEAD_PREFIX)]
-    return (f"loaded {len(loaded)} tensors of {held} from {path.name} ({kind}); {head_note}; "
-            f"missing: {', '.join(absent[:3]) + ('...' if len(absent) > 3 else '') if absent else 'none'}; "
-            f"unexpected: {', '.join(unexpected[:3]) + ('...' if len(unexpected) > 3 else '') if unexpected else 'none'}")
+    return (
+        f"loaded {len(loaded)} tensors of {held} from {path.name} ({kind}); {head_note}; "
+        f"missing: {', '.join(absent[:3]) + ('...' if len(absent) > 3 else '') if absent else 'none'}; "
+        f"unexpected: {', '.join(unexpected[:3]) + ('...' if len(unexpected) > 3 else '') if unexpected else 'none'}"
+    )

@@ -6,27 +6,34 @@ and as a weights-only `.pth`, each named `<name>-<first 8 hex of its SHA-256>.<e
 WSL-Images and torch.hub convention); `metadata.json` (architecture, classes, the head's
 vocabulary hash, training config, data statistics, eval numbers, versions, file hashes);
 `vocab.json` when the head is the hashtag head; and a model card, `README.md`.
-Loading goes through `wsl.checkpoints`: nothing is unpickled with code, hashes are checked.
+Loading goes through `wsl.release.checkpoints`: nothing is unpickled with code, hashes are checked.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 import wsl
-from wsl.checkpoints import file_sha256, infer_architecture, load_weights, read_checkpoint
+from wsl.config import REQUIRED, option, require_file
 from wsl.errors import WslError
+from wsl.files import write_atomic, write_json
 from wsl.models import ResNeXt, build_model, parse_model_name
+from wsl.release.checkpoints import file_sha256, infer_architecture, load_weights, read_checkpoint
 
 FORMAT = "wsl-release-1"
 # Facebook's WSL-Images files (CC-BY-NC 4.0), by width; torch.hub keeps them in its checkpoints folder.
-WSL_IMAGES = {8: "ig_resnext101_32x8-c38310e5.pth", 16: "ig_resnext101_32x16-c6f796b0.pth",
-              32: "ig_resnext101_32x32-e4b90b00.pth", 48: "ig_resnext101_32x48-3e41cc8a.pth"}
+WSL_IMAGES = {
+    8: "ig_resnext101_32x8-c38310e5.pth",
+    16: "ig_resnext101_32x16-c6f796b0.pth",
+    32: "ig_resnext101_32x32-e4b90b00.pth",
+    48: "ig_resnext101_32x48-3e41cc8a.pth",
+}
 WSL_IMAGES_URL = "https://download.pytorch.org/models/"
 
 
@@ -45,12 +52,17 @@ def _write_named(out: Path, name: str, suffix: str, write) -> dict:
     write(staging)
     digest = file_sha256(staging)
     final = out / f"{name}-{digest[:8]}{suffix}"
-    staging.rename(final)
+    staging.rename(final)  # the name holds the hash, known only once written: not `write_atomic`
     return {"file": final.name, "sha256": digest, "bytes": final.stat().st_size}
 
 
-def export(checkpoint: str | Path, out: str | Path, name: str | None = None, vocab: str | Path | None = None,
-           eval_report: str | Path | None = None) -> Path:
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    vocab: str | Path | None = None,
+    eval_report: str | Path | None = None,
+) -> Path:
     """Write the release folder of a `wsl pretrain` / `wsl finetune` checkpoint (or any weights
     file the loader accepts); returns the folder."""
     checkpoint, out = Path(checkpoint), Path(out)
@@ -67,19 +79,33 @@ def export(checkpoint: str | Path, out: str | Path, name: str | None = None, voc
     head: dict = {"kind": "unknown", "num_classes": num_classes}
     statistics: dict = {}
     out.mkdir(parents=True, exist_ok=True)
+    trained_with = ((hparams.get("config") or {}).get("data") or {}).get("vocab")
+    if hparams.get("vocab_sha256") and vocab is None and trained_with and Path(trained_with).is_file():
+        vocab = trained_with  # the vocabulary the run's config names (its hash is checked below)
     if hparams.get("vocab_sha256"):
         if vocab is None:
-            raise WslError(f"{checkpoint} has a hashtag head (vocabulary {hparams['vocab_sha256'][:12]}): give --vocab FILE")
-        from wsl.vocab import Vocabulary
+            raise WslError(
+                f"{checkpoint} has a hashtag head (vocabulary {hparams['vocab_sha256'][:12]}): give vocab=FILE"
+            )
+        from wsl.data.vocab import Vocabulary
 
         vocabulary = Vocabulary.load(vocab)
         if vocabulary.sha256 != hparams["vocab_sha256"]:
-            raise WslError(f"{vocab} is vocabulary {vocabulary.sha256[:12]}, the checkpoint was trained with "
-                           f"{hparams['vocab_sha256'][:12]}")
+            raise WslError(
+                f"{vocab} is vocabulary {vocabulary.sha256[:12]}, the checkpoint was trained with "
+                f"{hparams['vocab_sha256'][:12]}"
+            )
         shutil.copyfile(vocab, out / "vocab.json")
-        head = {"kind": "hashtags", "num_classes": num_classes, "vocab_sha256": vocabulary.sha256, "vocab_file": "vocab.json"}
-        statistics = {"hashtag_classes": len(vocabulary), "images_per_class": {
-            c.tag: c.count for c in vocabulary.classes[:20]}}
+        head = {
+            "kind": "hashtags",
+            "num_classes": num_classes,
+            "vocab_sha256": vocabulary.sha256,
+            "vocab_file": "vocab.json",
+        }
+        statistics = {
+            "hashtag_classes": len(vocabulary),
+            "images_per_class": {c.tag: c.count for c in vocabulary.classes[:20]},
+        }
     elif hparams.get("classes"):
         head = {"kind": "classes", "num_classes": num_classes, "classes": list(hparams["classes"])}
     evaluation = {}
@@ -88,25 +114,41 @@ def export(checkpoint: str | Path, out: str | Path, name: str | None = None, voc
         evaluation["training_run"] = json.loads(run_result.read_text()).get("metrics", {})
     if eval_report:
         report = json.loads(Path(eval_report).read_text())
-        evaluation["eval"] = {n: {"knn": r["knn"], "linear": {k: r["linear"][k] for k in ("top1", "top5")}}
-                              for n, r in report.get("results", {}).items()}
+        evaluation["eval"] = {
+            n: {"knn": r["knn"], "linear": {k: r["linear"][k] for k in ("top1", "top5")}}
+            for n, r in report.get("results", {}).items()
+        }
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
     from safetensors.torch import save_file
 
     files = {
-        "safetensors": _write_named(out, name, ".safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
+        "safetensors": _write_named(
+            out, name, ".safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
+        ),
         "pth": _write_named(out, name, ".pth", lambda p: torch.save(tensors, p)),
     }
     _, groups, width = parse_model_name(model)
     metadata = {
-        "format": FORMAT, "name": name, "architecture": model, "depth": int(model[len("resnext"):model.index("_")]),
-        "groups": groups, "width_per_group": width, "feature_dim": 2048, "head": head, "files": files,
-        "training_config": _json_safe(hparams), "data_statistics": statistics, "evaluation": evaluation,
-        "source_checkpoint": {"file": checkpoint.name, "kind": kind}, "wsl_version": wsl.__version__,
-        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": FORMAT,
+        "name": name,
+        "architecture": model,
+        "depth": int(model[len("resnext") : model.index("_")]),
+        "groups": groups,
+        "width_per_group": width,
+        "feature_dim": 2048,
+        "head": head,
+        "files": files,
+        "config": _json_safe(hparams.get("config")),
+        "training_config": _json_safe(hparams),
+        "data_statistics": statistics,
+        "evaluation": evaluation,
+        "source_checkpoint": {"file": checkpoint.name, "kind": kind},
+        "wsl_version": wsl.__version__,
+        "torch_version": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=1) + "\n")
-    (out / "README.md").write_text(model_card(metadata))
+    write_json(out / "metadata.json", metadata)
+    write_atomic(out / "README.md", model_card(metadata))
     return out
 
 
@@ -119,21 +161,23 @@ def model_card(metadata: dict) -> str:
         "",
         f"A {metadata['architecture']} backbone (torchvision ResNet, groups={metadata['groups']}, "
         f"width_per_group={metadata['width_per_group']}) trained with `wsl` "
-        f"(weakly-supervised hashtag pretraining, Mahajan et al. 2018). Pooled features: {metadata['feature_dim']} dims.",
+        "(weakly-supervised hashtag pretraining, Mahajan et al. 2018). "
+        f"Pooled features: {metadata['feature_dim']} dims.",
         "",
         "## Use",
         "",
         "```python",
         "import wsl",
-        "model = wsl.load_backbone(\"path/to/this/folder\")               # with its head",
-        "backbone = wsl.load_backbone(\"path/to/this/folder\", num_classes=10)  # a new 10-class head",
+        'model = wsl.load_backbone("path/to/this/folder")               # with its head',
+        'backbone = wsl.load_backbone("path/to/this/folder", num_classes=10)  # a new 10-class head',
         "features = model.forward_features(images)                      # [batch, 2048]",
         "# or, from a checkout of the wsl repository:",
-        "model = torch.hub.load(\"path/to/wsl\", \"wsl_backbone\", \"path/to/this/folder\", source=\"local\")",
+        'model = torch.hub.load("path/to/wsl", "wsl_backbone", "path/to/this/folder", source="local")',
         "```",
         "",
         "Inputs: RGB, Resize(256) + CenterCrop(224) (or the training resolution), mean (0.485, 0.456, 0.406),",
-        "std (0.229, 0.224, 0.225). Files are loaded without unpickling code (safetensors, or `torch.load(weights_only=True)`).",
+        "std (0.229, 0.224, 0.225). Files are loaded without unpickling code "
+        "(safetensors, or `torch.load(weights_only=True)`).",
         "",
         "## Details",
         "",
@@ -146,8 +190,12 @@ def model_card(metadata: dict) -> str:
         lines.append(f"| vocabulary | `{head['vocab_file']}`, sha256 {head['vocab_sha256']} |")
     for kind, entry in files.items():
         lines.append(f"| {kind} | `{entry['file']}`, sha256 {entry['sha256']} |")
-    lines += [f"| wsl version | {metadata['wsl_version']} |", f"| torch version | {metadata['torch_version']} |",
-              f"| created | {metadata['created']} |", ""]
+    lines += [
+        f"| wsl version | {metadata['wsl_version']} |",
+        f"| torch version | {metadata['torch_version']} |",
+        f"| created | {metadata['created']} |",
+        "",
+    ]
     if metadata["evaluation"]:
         lines += ["## Evaluation", ""]
         for source, numbers in metadata["evaluation"].items():
@@ -168,8 +216,9 @@ def wsl_images_file(width: int, weights: str | Path | None = None) -> Path:
         return Path(weights)
     path = Path(torch.hub.get_dir()) / "checkpoints" / WSL_IMAGES[width]
     if not path.is_file():
-        raise WslError(f"{path} not found: download {WSL_IMAGES_URL}{WSL_IMAGES[width]} there "
-                       "(CC-BY-NC 4.0), or pass weights=PATH")
+        raise WslError(
+            f"{path} not found: download {WSL_IMAGES_URL}{WSL_IMAGES[width]} there (CC-BY-NC 4.0), or pass weights=PATH"
+        )
     return path
 
 
@@ -184,7 +233,7 @@ def load_backbone(name_or_path: str | Path, num_classes: int | None = None, head
     """
     name = str(name_or_path)
     if name.endswith("_wsl") and name.startswith("resnext101_32x") and not Path(name).exists():
-        path = wsl_images_file(int(name[len("resnext101_32x"):-len("d_wsl")]))
+        path = wsl_images_file(int(name[len("resnext101_32x") : -len("d_wsl")]))
     else:
         path = Path(name_or_path)
     if path.is_dir():
@@ -211,3 +260,32 @@ def load_backbone(name_or_path: str | Path, num_classes: int | None = None, head
     net = build_model(model, num_classes if head == "new" else checkpoint_classes)
     load_weights(net, weights, model, head=head)
     return net.eval()
+
+
+@dataclass
+class Config:
+    """`wsl export`: a pretraining or fine-tuning checkpoint -> a release folder: the network in torchvision's
+    layout as NAME-<sha256[:8]>.safetensors and .pth, metadata.json (with the training config), README.md
+    (the model card) and, for a hashtag head, vocab.json. The checkpoint is read without unpickling code."""
+
+    checkpoint: str = option(REQUIRED, "a .ckpt of wsl pretrain / wsl finetune, or a .pth / .safetensors")
+    out: str = option(REQUIRED, "release folder to write")
+    name: str | None = option(None, "file name stem (null: wsl_<architecture>)")
+    vocab: str | None = option(None, "the vocabulary JSON of a hashtag head (checked against the checkpoint's hash)")
+    eval_report: str | None = option(None, "a `wsl eval` report.json whose numbers go into the metadata and the card")
+
+
+def main(config: Config) -> str:
+    for key in ("vocab", "eval_report"):
+        if getattr(config, key):
+            require_file(getattr(config, key), key, key.replace("_", " ") + " file")
+    out = export(config.checkpoint, config.out, name=config.name, vocab=config.vocab, eval_report=config.eval_report)
+    metadata = json.loads((out / "metadata.json").read_text())
+    lines = [
+        f"release {metadata['name']} ({metadata['architecture']}, {metadata['head']['kind']} head, "
+        f"{metadata['head']['num_classes']} classes) in {out}:"
+    ]
+    lines += [f"  {entry['file']}  sha256 {entry['sha256']}" for entry in metadata["files"].values()]
+    lines.append(f"  metadata.json, README.md{', vocab.json' if metadata['head'].get('vocab_file') else ''}")
+    lines.append(f'load it with: wsl.load_backbone("{out}")')
+    return "\n".join(lines)

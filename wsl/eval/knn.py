@@ -27,17 +27,27 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 def _blocks(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(x), size):
-        yield np.ascontiguousarray(x[start:start + size])
+        yield np.ascontiguousarray(x[start : start + size])
 
 
-def search(database: np.ndarray, queries: np.ndarray, k: int, index: str = "flat", database_block: int = 1_000_000,
-           query_block: int = 16_384, nlist: int = 1024, nprobe: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    index: str = "flat",
+    database_block: int = 1_000_000,
+    query_block: int = 16_384,
+    nlist: int = 1024,
+    nprobe: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, database ids), each [queries, k], best first, of L2-normalised inputs."""
     if k > len(database):
         raise WslError(f"k = {k} is more than the {len(database)} database features")
     if index == "flat":
-        results = [knn_ground_truth(q, _blocks(database, database_block), k, faiss.METRIC_INNER_PRODUCT)
-                   for q in _blocks(queries, query_block)]
+        results = [
+            knn_ground_truth(q, _blocks(database, database_block), k, faiss.METRIC_INNER_PRODUCT)
+            for q in _blocks(queries, query_block)
+        ]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
     if index != "ivf":
         raise WslError(f"knn.index must be 'flat' or 'ivf', not '{index}'")
@@ -55,8 +65,9 @@ def search(database: np.ndarray, queries: np.ndarray, k: int, index: str = "flat
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
-def weighted_vote(similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: int,
-                  temperature: float = 0.07) -> np.ndarray:
+def weighted_vote(
+    similarities: np.ndarray, neighbour_labels: np.ndarray, num_classes: int, temperature: float = 0.07
+) -> np.ndarray:
     """Class scores [queries, classes]: the sum of exp(similarity / T) over the neighbours of each class."""
     scores = np.zeros((len(similarities), num_classes), np.float64)
     rows = np.repeat(np.arange(len(similarities)), similarities.shape[1])
@@ -70,9 +81,16 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((best == labels[:, None]).any(axis=1).mean())
 
 
-def knn_classify(train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray, val_labels: np.ndarray,
-                 num_classes: int, ks: tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
-                 **search_options) -> tuple[dict[int, dict[str, float]], np.ndarray]:
+def knn_classify(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    num_classes: int,
+    ks: tuple[int, ...] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    **search_options,
+) -> tuple[dict[int, dict[str, float]], np.ndarray]:
     """Top-1/top-5 for each k (k larger than the database is left out), and the neighbour ids."""
     database, queries = l2_normalise(train_features), l2_normalise(val_features)
     usable = [k for k in ks if k <= len(database)]
@@ -82,5 +100,8 @@ def knn_classify(train_features: np.ndarray, train_labels: np.ndarray, val_featu
     results = {}
     for k in usable:
         scores = weighted_vote(similarities[:, :k], train_labels[ids[:, :k]], num_classes, temperature)
-        results[k] = {"top1": topk_accuracy(scores, val_labels, 1), "top5": topk_accuracy(scores, val_labels, min(5, num_classes))}
+        results[k] = {
+            "top1": topk_accuracy(scores, val_labels, 1),
+            "top5": topk_accuracy(scores, val_labels, min(5, num_classes)),
+        }
     return results, ids

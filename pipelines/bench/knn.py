@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
-from wsl.knn import knn_classify
+from wsl.eval.knn import knn_classify
 
 
 def clustered(rng: np.random.Generator, centres: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,9 +38,11 @@ def main() -> None:
     centres = (rng.normal(size=(args.classes, args.dim)) * 0.3).astype(np.float32)
     database, database_labels = clustered(rng, centres, args.database)
     queries, query_labels = clustered(rng, centres, args.queries)
-    print(f"database {args.database:,} x {args.dim}, {args.queries:,} queries, {args.classes} classes, k = 20; "
-          f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), faiss {faiss.__version__}, "
-          f"{faiss.get_num_gpus()} GPUs")
+    print(
+        f"database {args.database:,} x {args.dim}, {args.queries:,} queries, {args.classes} classes, k = 20; "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), faiss {faiss.__version__}, "
+        f"{faiss.get_num_gpus()} GPUs"
+    )
 
     started = time.perf_counter()
     ours, _ = knn_classify(database, database_labels, queries, query_labels, args.classes, ks=(20,))
@@ -52,12 +54,14 @@ def main() -> None:
     baseline_top1 = float((baseline.predict(queries) == query_labels).mean())
     baseline_seconds = time.perf_counter() - started
 
-    rows = [("scikit-learn KNeighborsClassifier (brute, cosine)", baseline_seconds, baseline_top1),
-            ("wsl.knn (FAISS exact, blocked, weighted vote)", ours_seconds, ours[20]["top1"])]
+    rows = [
+        ("scikit-learn KNeighborsClassifier (brute, cosine)", baseline_seconds, baseline_top1),
+        ("wsl.eval.knn (FAISS exact, blocked, weighted vote)", ours_seconds, ours[20]["top1"]),
+    ]
     print(f"{'method':<52}{'seconds':>9}{'queries/s':>11}{'top-1':>8}")
     for name, seconds, top1 in rows:
         print(f"{name:<52}{seconds:>9.2f}{args.queries / seconds:>11.0f}{top1:>8.3f}")
-    print(f"ratio (queries/s, wsl.knn / scikit-learn): {baseline_seconds / ours_seconds:.2f}x")
+    print(f"ratio (queries/s, wsl.eval.knn / scikit-learn): {baseline_seconds / ours_seconds:.2f}x")
 
 
 if __name__ == "__main__":

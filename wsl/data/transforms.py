@@ -28,7 +28,9 @@ def _draft_scale(crop_short_side: float, target: int) -> int:
     return scale
 
 
-def _decode_drafted(image: Image.Image, box: tuple[float, float, float, float], target: int) -> tuple[Image.Image, tuple]:
+def decode_drafted(
+    image: Image.Image, box: tuple[float, float, float, float], target: int
+) -> tuple[Image.Image, tuple]:
     """Decode an opened, not yet loaded image, reduced as far as `box` (left, top, right, bottom) allows.
 
     Returns the RGB image and the box in its (possibly reduced) coordinates.
@@ -73,7 +75,7 @@ class TrainTransform:
     def __call__(self, data: bytes) -> torch.Tensor:
         image = Image.open(io.BytesIO(data))  # reads the header only
         top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
-        image, box = _decode_drafted(image, (left, top, left + width, top + height), self.size)
+        image, box = decode_drafted(image, (left, top, left + width, top + height), self.size)
         image = image.resize((self.size, self.size), Image.BILINEAR, box=box, reducing_gap=None)
         if self.flip and torch.rand(1).item() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -95,6 +97,6 @@ class EvalTransform:
         # The centre crop of the resized image, mapped back to full-size coordinates.
         crop = self.size / ratio
         left, top = (width - crop) / 2, (height - crop) / 2
-        image, box = _decode_drafted(image, (left, top, left + crop, top + crop), self.size)
+        image, box = decode_drafted(image, (left, top, left + crop, top + crop), self.size)
         image = image.resize((self.size, self.size), Image.BILINEAR, box=box, reducing_gap=None)
         return self.normalize(image)

@@ -20,11 +20,15 @@ import concurrent.futures as cf
 import io
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from tqdm import tqdm
+
+from wsl.config import option
 
 # Concept -> the hashtags users write for it (first = canonical; later = synonyms, rarer).
 SHAPES = {
@@ -49,7 +53,12 @@ COLOURS = {
     "white": ([240, 240, 240], ["white"]),
     "black": ([20, 20, 20], ["black"]),
 }
-PATTERNS = {"plain": [], "stripes": ["stripes", "striped"], "dots": ["dots", "polkadot"], "checks": ["checkered", "plaid"]}
+PATTERNS = {
+    "plain": [],
+    "stripes": ["stripes", "striped"],
+    "dots": ["dots", "polkadot"],
+    "checks": ["checkered", "plaid"],
+}
 SCENES = {
     "sky": ["sky", "bluesky"],
     "grass": ["grass", "lawn"],
@@ -57,9 +66,32 @@ SCENES = {
     "night": ["night", "dark"],
     "brick": ["brick", "wall"],
 }
-NOISE_TAGS = ["love", "instagood", "photooftheday", "beautiful", "happy", "picoftheday", "cute", "tbt", "art", "summer",
-              "like4like", "followme", "nofilter", "weekend", "mood"]
-CAPTION_WORDS = ["what a day", "so good", "finally", "can't stop looking at this", "weekend vibes", "look at this", "new"]
+NOISE_TAGS = [
+    "love",
+    "instagood",
+    "photooftheday",
+    "beautiful",
+    "happy",
+    "picoftheday",
+    "cute",
+    "tbt",
+    "art",
+    "summer",
+    "like4like",
+    "followme",
+    "nofilter",
+    "weekend",
+    "mood",
+]
+CAPTION_WORDS = [
+    "what a day",
+    "so good",
+    "finally",
+    "can't stop looking at this",
+    "weekend vibes",
+    "look at this",
+    "new",
+]
 
 SHAPE_NAMES = list(SHAPES)
 DOWNSTREAM_CLASSES = SHAPE_NAMES
@@ -81,7 +113,7 @@ def synonyms_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _scene(rng: np.random.Generator, scene: str, width: int, height: int) -> np.ndarray:
+def scene_background(rng: np.random.Generator, scene: str, width: int, height: int) -> np.ndarray:
     """A textured background, HxWx3 float."""
     y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
     x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
@@ -106,10 +138,16 @@ def _scene(rng: np.random.Generator, scene: str, width: int, height: int) -> np.
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
     """Vertices of a polygonal shape (None for the round ones, drawn as ellipses)."""
+
     def ring_points(n: int, radii: list[float], offset: float = 0.0) -> list[tuple[float, float]]:
         k = len(radii)
-        return [(cx + radii[i % k] * r * math.cos(angle + offset + 2 * math.pi * i / n),
-                 cy + radii[i % k] * r * math.sin(angle + offset + 2 * math.pi * i / n)) for i in range(n)]
+        return [
+            (
+                cx + radii[i % k] * r * math.cos(angle + offset + 2 * math.pi * i / n),
+                cy + radii[i % k] * r * math.sin(angle + offset + 2 * math.pi * i / n),
+            )
+            for i in range(n)
+        ]
 
     if shape == "square":
         return ring_points(4, [1.0], math.pi / 4)
@@ -123,7 +161,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
         return ring_points(4, [1.0, 0.55])
     if shape == "cross":
         a, b = 0.33, 1.0
-        pts = [(a, b), (a, a), (b, a), (b, -a), (a, -a), (a, -b), (-a, -b), (-a, -a), (-b, -a), (-b, a), (-a, a), (-a, b)]
+        pts = [
+            (a, b),
+            (a, a),
+            (b, a),
+            (b, -a),
+            (a, -a),
+            (a, -b),
+            (-a, -b),
+            (-a, -a),
+            (-b, -a),
+            (-b, a),
+            (-a, a),
+            (-a, b),
+        ]
     elif shape == "arrow":
         pts = [(-1, -0.3), (0.2, -0.3), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.3), (-1, 0.3)]
     else:
@@ -132,7 +183,7 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
     return [(cx + r * (px * c - py * s), cy + r * (px * s + py * c)) for px, py in pts]
 
 
-def _draw_object(rng: np.random.Generator, img: np.ndarray, shape: str, colour: str, pattern: str, scale: float) -> None:
+def draw_object(rng: np.random.Generator, img: np.ndarray, shape: str, colour: str, pattern: str, scale: float) -> None:
     height, width = img.shape[:2]
     r = scale * min(width, height) / 2
     cx, cy = rng.uniform(r * 0.8, width - r * 0.8), rng.uniform(r * 0.8, height - r * 0.8)
@@ -178,15 +229,17 @@ def _render(rng: np.random.Generator, scene: str, objects: list[tuple[str, str, 
     # Aspect ratios within 3:4..4:3, as most photos: random-resized and centre crops keep the objects.
     width = int(rng.integers(96, 321))
     height = int(np.clip(width * rng.uniform(0.75, 4 / 3), 96, 320))
-    img = _scene(rng, scene, width, height)
+    img = scene_background(rng, scene, width, height)
     for shape, colour, pattern, scale in objects:
-        _draw_object(rng, img, shape, colour, pattern, scale)
+        draw_object(rng, img, shape, colour, pattern, scale)
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=int(rng.integers(60, 96)))
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+        buffer, format="JPEG", quality=int(rng.integers(60, 96))
+    )
     return buffer.getvalue()
 
 
-def _random_object(rng: np.random.Generator, shape: str | None = None, scale: float | None = None) -> tuple:
+def random_object(rng: np.random.Generator, shape: str | None = None, scale: float | None = None) -> tuple:
     return (
         shape or SHAPE_NAMES[rng.choice(len(SHAPES), p=SHAPE_P)],
         list(COLOURS)[rng.choice(len(COLOURS), p=COLOUR_P)],
@@ -197,6 +250,7 @@ def _random_object(rng: np.random.Generator, shape: str | None = None, scale: fl
 
 def _user_hashtags(rng: np.random.Generator, scene: str, objects: list[tuple]) -> list[str]:
     """What a user types: visible concepts (often by a synonym), noise, omissions and errors."""
+
     def variant(tags: list[str]) -> str:
         return tags[rng.choice(len(tags), p=_zipf(len(tags), 1.5))]
 
@@ -226,9 +280,9 @@ def _user_hashtags(rng: np.random.Generator, scene: str, objects: list[tuple]) -
 def _pretrain_item(seed: int, index: int) -> tuple[bytes, dict]:
     rng = np.random.default_rng([seed, 0, index])
     scene = list(SCENES)[rng.integers(len(SCENES))]
-    objects = [_random_object(rng)]
+    objects = [random_object(rng)]
     for _ in range(rng.choice(3, p=[0.7, 0.25, 0.05])):
-        objects.append(_random_object(rng, scale=rng.uniform(0.2, 0.4)))
+        objects.append(random_object(rng, scale=rng.uniform(0.2, 0.4)))
     tags = _user_hashtags(rng, scene, objects)
     path = f"images/{index // 1000:03d}/{index:06d}.jpg"
     if rng.random() < 0.2:
@@ -243,10 +297,10 @@ def _downstream_item(seed: int, split: str, index: int) -> tuple[bytes, str]:
     rng = np.random.default_rng([seed, 1 if split == "train" else 2, index])
     label = DOWNSTREAM_CLASSES[index % len(DOWNSTREAM_CLASSES)]
     scene = list(SCENES)[rng.integers(len(SCENES))]
-    objects = [_random_object(rng, shape=label, scale=rng.uniform(0.5, 0.85))]
+    objects = [random_object(rng, shape=label, scale=rng.uniform(0.5, 0.85))]
     if rng.random() < 0.5:  # a small distractor of another shape
         other = [s for s in SHAPE_NAMES if s != label][rng.integers(len(SHAPES) - 1)]
-        objects.append(_random_object(rng, shape=other, scale=rng.uniform(0.15, 0.3)))
+        objects.append(random_object(rng, shape=other, scale=rng.uniform(0.15, 0.3)))
     return _render(rng, scene, objects), label
 
 
@@ -260,7 +314,9 @@ def planted_copy(data: bytes, rng: np.random.Generator) -> bytes:
     aspect = math.exp(rng.uniform(math.log(area), -math.log(area)))  # keeps both sides within the image
     crop_w, crop_h = min(1.0, math.sqrt(area * aspect)), min(1.0, math.sqrt(area / aspect))
     x0, y0 = rng.uniform(0, 1 - crop_w), rng.uniform(0, 1 - crop_h)
-    image = image.crop((round(x0 * width), round(y0 * height), round((x0 + crop_w) * width), round((y0 + crop_h) * height)))
+    image = image.crop(
+        (round(x0 * width), round(y0 * height), round((x0 + crop_w) * width), round((y0 + crop_h) * height))
+    )
     scale = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
     image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.BICUBIC)
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
@@ -272,14 +328,21 @@ def planted_copy(data: bytes, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def planted_duplicates(out: str | Path, num_eval: int = 300, copies_per_image: int = 2, num_others: int = 5000,
-                       shard_size: int = 500, seed: int = 0) -> dict[str, str]:
+def planted_duplicates(
+    out: str | Path,
+    num_eval: int = 300,
+    copies_per_image: int = 2,
+    num_others: int = 5000,
+    shard_size: int = 500,
+    seed: int = 0,
+) -> dict[str, str]:
     """A de-duplication benchmark: demo downstream val images as the evaluation set
     (`out/eval/<class>/*.JPEG`) and demo pretraining images with `planted_copy` copies of them
     mixed in (`out/shards/pretrain-NNNNNN.tar`). Returns {copy's sample key: its original's
     evaluation key}; the other samples' keys start with "img"."""
-    from wsl.shards import _MTIME, shard_name  # the shard format's writer settings
     import webdataset as wds
+
+    from wsl.data.shards import TAR_MTIME, shard_name  # the shard format's writer settings
 
     out = Path(out)
     rng = np.random.default_rng([seed, 3])
@@ -300,9 +363,10 @@ def planted_duplicates(out: str | Path, num_eval: int = 300, copies_per_image: i
     order = rng.permutation(len(samples))
     (out / "shards").mkdir(parents=True, exist_ok=True)
     for start in range(0, len(samples), shard_size):
-        with wds.TarWriter(str(out / "shards" / shard_name("pretrain", start // shard_size)), encoder=False,
-                           mtime=_MTIME) as writer:
-            for i in order[start:start + shard_size]:
+        with wds.TarWriter(
+            str(out / "shards" / shard_name("pretrain", start // shard_size)), encoder=False, mtime=TAR_MTIME
+        ) as writer:
+            for i in order[start : start + shard_size]:
                 key, data = samples[i]
                 writer.write({"__key__": key, "jpg": data, "json": b'{"hashtags": []}'})
     return truth
@@ -369,11 +433,16 @@ def generate(
     chunk = 250
     records: list[dict] = []
     with cf.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = [pool.submit(_pretrain_chunk, seed, str(out), range(i, min(i + chunk, num_images)))
-                for i in range(0, num_images, chunk)]
+        jobs = [
+            pool.submit(_pretrain_chunk, seed, str(out), range(i, min(i + chunk, num_images)))
+            for i in range(0, num_images, chunk)
+        ]
         splits = {"train": downstream_train_per_class, "val": downstream_val_per_class}
-        down_jobs = [pool.submit(_downstream_chunk, seed, str(out), split, range(i, min(i + chunk, n * len(DOWNSTREAM_CLASSES))))
-                     for split, n in splits.items() for i in range(0, n * len(DOWNSTREAM_CLASSES), chunk)]
+        down_jobs = [
+            pool.submit(_downstream_chunk, seed, str(out), split, range(i, min(i + chunk, n * len(DOWNSTREAM_CLASSES))))
+            for split, n in splits.items()
+            for i in range(0, n * len(DOWNSTREAM_CLASSES), chunk)
+        ]
         for job in tqdm(jobs, desc="demo pretraining images", unit=f" x{chunk}", dynamic_ncols=True):
             records += job.result()
         for job in down_jobs:
@@ -395,3 +464,36 @@ def generate(
     }
     manifest.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+@dataclass
+class Config:
+    """`wsl demo-data`: generate the embedded demo hashtag dataset and its downstream set."""
+
+    out: str = option("data/demo", "output folder")
+    num_images: int = option(20000, "pretraining images", minimum=1)
+    downstream_train_per_class: int = option(60, "downstream training images per class", minimum=1)
+    downstream_val_per_class: int = option(30, "downstream val images per class", minimum=1)
+    seed: int = option(0, "seed of everything drawn")
+    workers: int = option(os.cpu_count() or 1, "processes", minimum=1)
+
+
+def main(config: Config) -> str:
+    summary = generate(
+        config.out,
+        config.num_images,
+        config.downstream_train_per_class,
+        config.downstream_val_per_class,
+        config.seed,
+        config.workers,
+    )
+    state = "already there (same parameters), reused" if summary.get("reused") else "written"
+    return "\n".join(
+        [
+            f"demo data {state}: {config.out}",
+            f"  pretraining annotations: {summary['annotations']}  ({summary['pretrain_images']} images"
+            f" + {summary['broken_entries']} broken entries)",
+            f"  downstream set (ImageNet folder layout): {summary['downstream']}",
+            f"  synonym file: {summary['synonyms']}",
+        ]
+    )

@@ -1,0 +1,31 @@
+"""`wsl dedup`: drop pretraining samples that copy an evaluation image, and exact byte duplicates.
+
+The copies on the web are resized, re-compressed, cropped, recoloured and mirrored versions
+of the evaluation images. The descriptor is pixels, at low resolution, in two stages:
+
+1. Retrieval. Every evaluation image is indexed as many windows: crops keeping at least
+   `min_area` of it (each side >= `min_side`, on a grid of `window_step`) and their mirror
+   images, each a COARSE x COARSE RGB thumbnail with its mean colour removed and its contrast
+   normalised (so brightness, contrast and small colour shifts barely move it), L2-normalised,
+   in a FAISS inner-product index. A pretraining image is one thumbnail of its whole frame,
+   decoded in JPEG draft mode (the decoder scales by 1/2..1/8 for free). One of the windows
+   is within half a grid step of any crop, so the right evaluation image is among the
+   nearest `candidates` images.
+2. Verification. For each of the `candidates` nearest evaluation images, the window is
+   refined by coordinate ascent (edges, position, size): first on the whole FINE x FINE
+   thumbnail, which lines up the objects, then on its detail (what the thumbnail holds beyond
+   4 x 4-pixel block averages: texture, edges), which lines up the texture. The score is the
+   correlation of the details; a sample is a copy when it reaches `threshold`. Whole
+   thumbnails of two different images with a similar object on a similar background can
+   correlate above 0.95 once aligned; their details do not, while a copy's survive JPEG
+   quality 30 and a 2x downscale.
+
+A learned copy-detection embedding (SSCD) would be stronger against heavy edits, but needs
+weights that nothing here may download; pixels need none. Costs: BENCHMARKS.md.
+
+Input shards are processed in parallel, one task a shard, each writing its decisions
+(`decisions/<shard>.json`) through a rename; byte duplicates are then resolved in shard
+order (the first copy stays); the filtered shards are written through a rename too. A killed
+run re-run skips every finished decision and shard, and the same input gives byte-identical
+output.
+"""

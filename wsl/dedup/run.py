@@ -1,0 +1,233 @@
+"""`wsl dedup`: the pipeline over shards (resumable, byte-identical), the report and its picture."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from wsl.config import REQUIRED, option
+from wsl.data.shards import SIZES_FILE, TAR_MTIME, expand_shard_spec, read_shard_samples, sample_image_bytes
+from wsl.dedup.index import DECODE_ERRORS, FORMAT, DedupConfig, EvalIndex, decode_small, image_for_matching
+from wsl.errors import WslError
+from wsl.files import write_atomic, write_json
+from wsl.pictures import image_grid
+
+_SPAWN = multiprocessing.get_context("spawn")  # forked workers deadlock in FAISS after the parent used OpenMP
+REPORT_FILE = "dedup_report.json"
+PICTURE_FILE = "dedup_matches.png"
+
+
+def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 256) -> dict:
+    """Task: every sample of one shard scored against the evaluation index -> decisions/<shard>.json."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = EvalIndex.open(Path(work), DedupConfig(**config))
+    records: list[dict] = []
+    pending: list[tuple[dict, Image.Image]] = []
+
+    def flush() -> None:
+        for (record, _), (score, owner) in zip(pending, index.match([image for _, image in pending])):
+            record.update(score=round(score, 4), match=index.keys[owner] if owner >= 0 else None)
+        pending.clear()
+
+    for sample in read_shard_samples([url]):
+        try:
+            data = sample_image_bytes(sample)
+        except ValueError:
+            data = b""
+        record = {"key": sample["__key__"], "sha256": hashlib.sha256(data).hexdigest()}
+        records.append(record)
+        try:
+            pending.append((record, image_for_matching(data)))
+        except DECODE_ERRORS as exn:
+            record["corrupt"] = str(exn) or type(exn).__name__
+        if len(pending) == batch:
+            flush()
+    flush()
+    decisions = {"shard": Path(url).name, "samples": records}
+    write_json(Path(work) / "decisions" / f"{Path(url).name}.json", decisions)
+    return decisions
+
+
+def _write_filtered_shard(url: str, out: str, keep: list[str]) -> None:
+    """Task: the kept samples of one shard, their members' bytes unchanged, through a rename."""
+    path = Path(out) / Path(url).name
+    wanted = set(keep)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
+            for sample in read_shard_samples([url]):
+                if sample["__key__"] in wanted:
+                    writer.write({k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")})
+
+    write_atomic(path, write)
+
+
+def _classify(decisions: list[dict], threshold: float) -> dict[str, dict]:
+    """Per shard: kept keys and the removed ones, why. Byte duplicates are resolved in shard
+    order, so the first copy stays whatever the number of workers."""
+    first_seen: dict[str, str] = {}
+    result: dict[str, dict] = {}
+    for shard in decisions:
+        entry = {"samples": len(shard["samples"]), "keep": [], "copies": [], "exact_duplicates": [], "corrupt": []}
+        for record in shard["samples"]:
+            where = f"{shard['shard']}:{record['key']}"
+            if "corrupt" in record:
+                entry["corrupt"].append({"key": record["key"], "reason": record["corrupt"]})
+                continue
+            if record["score"] >= threshold:
+                entry["copies"].append({"key": record["key"], "match": record["match"], "score": record["score"]})
+            elif record["sha256"] in first_seen:
+                entry["exact_duplicates"].append({"key": record["key"], "same_as": first_seen[record["sha256"]]})
+            else:
+                entry["keep"].append(record["key"])
+            first_seen.setdefault(record["sha256"], where)
+        result[shard["shard"]] = entry
+    return result
+
+
+def _picture(urls: list[str], per_shard: dict[str, dict], index: EvalIndex, path: Path, examples: int = 8) -> None:
+    """Example matches: each row a removed pretraining image beside the evaluation image it copies."""
+    rows: list[list] = []
+    captions: list[str] = []
+    for url in urls:
+        copies = {c["key"]: c for c in per_shard[Path(url).name]["copies"]}
+        if not copies:
+            continue
+        for sample in read_shard_samples([url]):
+            found = copies.get(sample["__key__"])
+            if found:
+                mine = decode_small(sample_image_bytes(sample), 96)
+                theirs = Image.fromarray(np.asarray(index.store[index.keys.index(found["match"])]))
+                rows.append([(mine, None), (theirs, None)])
+                captions.append(f"pretraining | evaluation  {found['score']:.3f}")
+            if len(rows) == examples:
+                break
+        if len(rows) == examples:
+            break
+    image_grid(rows, path, size=96, captions=captions)
+
+
+def run_dedup(
+    shards: str,
+    against: list[str],
+    out: str | Path,
+    config: DedupConfig | None = None,
+    workers: int = 1,
+    threads: int | None = None,
+) -> dict:
+    """Filter `shards` into `out`: without copies of the `against` sets' images, without byte
+    duplicates and undecodable images. Returns the report (also `out/dedup_report.json`).
+    `workers` shards at a time, each searching with `threads` FAISS threads (default: the cores shared out)."""
+    config = config or DedupConfig()
+    started = time.time()
+    urls = expand_shard_spec(shards)
+    names = [Path(url).name for url in urls]
+    if len(set(names)) != len(names):
+        raise WslError("input shards must have distinct file names: the filtered shards keep them")
+    out = Path(out)
+    if any(Path(url).resolve().parent == out.resolve() for url in urls):
+        raise WslError(f"out={out} holds the input shards: choose another folder")
+    work = out / "_dedup"
+    settings = {"format": FORMAT, "config": asdict(config), "against": [str(a) for a in against], "shards": urls}
+    settings_file = work / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != settings:
+        for stale in [*work.glob("*"), *work.glob("decisions/*"), *out.glob("*.tar*")]:
+            if stale.is_file():
+                stale.unlink()  # another run's settings: nothing of it may be reused
+    (work / "decisions").mkdir(parents=True, exist_ok=True)
+    write_json(settings_file, settings)
+
+    if (work / "eval-keys.json").is_file():
+        index = EvalIndex.open(work, config)
+    else:
+        index, _ = EvalIndex.build([str(a) for a in against], config, work)
+    eval_skipped = json.loads((work / "eval-keys.json").read_text())["skipped"]
+
+    decisions_file = {url: work / "decisions" / f"{Path(url).name}.json" for url in urls}
+    pending = [url for url in urls if not decisions_file[url].is_file()]
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    progress = tqdm(
+        total=len(urls), initial=len(urls) - len(pending), desc="de-duplicating", unit=" shards", dynamic_ncols=True
+    )
+    images, tick = 0, time.time()
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
+        for done in cf.as_completed(
+            [pool.submit(_score_shard, url, str(work), asdict(config), threads) for url in pending]
+        ):
+            images += len(done.result()["samples"])
+            progress.update()
+            progress.set_postfix(images_per_sec=round(images / max(time.time() - tick, 1e-6)))
+    progress.close()
+
+    per_shard = _classify([json.loads(decisions_file[url].read_text()) for url in urls], config.threshold)
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
+        jobs = [
+            pool.submit(_write_filtered_shard, url, str(out), per_shard[Path(url).name]["keep"])
+            for url in urls
+            if not (out / Path(url).name).is_file()
+        ]
+        for job in tqdm(
+            cf.as_completed(jobs), total=len(jobs), desc="writing filtered shards", unit=" shards", dynamic_ncols=True
+        ):
+            job.result()
+    write_json(out / SIZES_FILE, {name: len(entry["keep"]) for name, entry in per_shard.items()})
+    _picture(urls, per_shard, index, out / PICTURE_FILE)
+
+    totals = {what: sum(len(e[what]) for e in per_shard.values()) for what in ("copies", "exact_duplicates", "corrupt")}
+    report = {
+        "format": FORMAT,
+        "config": asdict(config),
+        "against": settings["against"],
+        "evaluation_images": len(index.keys),
+        "evaluation_skipped": [{"key": k, "reason": r} for k, r in eval_skipped],
+        "input_samples": sum(e["samples"] for e in per_shard.values()),
+        "kept": sum(len(e["keep"]) for e in per_shard.values()),
+        "removed": totals,
+        "shards": {
+            name: {k: v for k, v in e.items() if k != "keep"} | {"kept": len(e["keep"])}
+            for name, e in per_shard.items()
+        },
+        "picture": str(out / PICTURE_FILE),
+        "seconds": round(time.time() - started, 1),
+    }
+    write_json(out / REPORT_FILE, report)
+    return report
+
+
+@dataclass
+class Config(DedupConfig):
+    """`wsl dedup`: drop pretraining samples that copy evaluation images, byte duplicates and undecodable
+    images. Writes the filtered shards (same names), sizes.json, dedup_report.json and dedup_matches.png;
+    a killed run re-run finishes the job."""
+
+    shards: str = option(REQUIRED, "pretraining shards: paths, a folder, {a..b} patterns, joined by ::")
+    against: list[str] = option([], "evaluation sets: image folders (searched recursively) or shards")
+    out: str = option(REQUIRED, "folder for the filtered shards and the report")
+    workers: int = option(os.cpu_count() or 1, "shards processed at once", minimum=1)
+
+
+def main(config: Config) -> str:
+    if not config.against:
+        raise WslError("config key 'against' is empty: name the evaluation sets, e.g. against=[data/val]")
+    settings = DedupConfig(**{f.name: getattr(config, f.name) for f in fields(DedupConfig)})
+    report = run_dedup(config.shards, config.against, config.out, settings, workers=config.workers)
+    removed = report["removed"]
+    return (
+        f"kept {report['kept']} of {report['input_samples']} samples in {len(report['shards'])} shards in "
+        f"{config.out}; removed {removed['copies']} copies of the {report['evaluation_images']} evaluation images, "
+        f"{removed['exact_duplicates']} byte duplicates, {removed['corrupt']} undecodable images\n"
+        f"report: {Path(config.out) / REPORT_FILE}; example matches: {report['picture']}"
+    )
