@@ -1,0 +1,1 @@
+"""Evaluation of frozen backbones: features, FAISS kNN, the linear probe, `wsl eval`."""
