@@ -27,7 +27,7 @@ PRETRAIN_ARGS   ?=
 WEIGHTS          = $(PRETRAIN_RUN)/checkpoints/last.ckpt
 
 .PHONY: help install lint test test-fast demo-data shards vocab dedup pretrain finetune eval release all \
-	bench-data bench-knn bench-dedup clean
+	bench-data bench-knn bench-dedup bench-dedup-memory bench-probe bench-eval-reader clean
 
 help:
 	@echo "make pretrain    pretrain on the embedded demo data (CONFIG=..., ARGS=\"key=value ...\")"
@@ -42,6 +42,9 @@ help:
 	@echo "make bench-data  training data pipeline vs. plain Pillow + torchvision"
 	@echo "make bench-knn   FAISS kNN vs. scikit-learn's brute-force KNeighborsClassifier"
 	@echo "make bench-dedup de-duplication: threshold curve on planted copies, images/s per core"
+	@echo "make bench-dedup-memory  the dedup decision step's peak memory at 100k and 1M samples"
+	@echo "make bench-probe the linear probe's time per epoch and memory up to 1.28M x 2048 features"
+	@echo "make bench-eval-reader  samples the evaluation reader reads, 3,360 slots on 20 shards"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -130,6 +133,15 @@ bench-knn: install
 
 bench-dedup: install
 	$(BIN)/python pipelines/bench/dedup.py --out bench/dedup
+
+bench-dedup-memory: install
+	$(BIN)/python pipelines/bench/dedup_memory.py
+
+bench-probe: install
+	$(BIN)/python pipelines/bench/linear_probe.py
+
+bench-eval-reader: install
+	$(BIN)/python pipelines/bench/eval_reader.py
 
 clean:
 	rm -rf $(DATA) bench runs

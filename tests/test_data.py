@@ -3,6 +3,7 @@
 import collections
 import io
 import json
+import math
 import pickle
 import random
 import shutil
@@ -20,11 +21,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 from wsl.data.bad_samples import SkipCounter
-from wsl.data.evalset import EvalDataset
+from wsl.data.evalset import EvalDataset, slot_share
 from wsl.data.shards import is_sample_member
 from wsl.data.stream import HashtagTargets, ShardSource, StreamSeed, TrainDataConfig, TrainLoader
 from wsl.data.transforms import EvalTransform, TrainTransform, decode_drafted
 from wsl.data.vocab import Vocabulary, build_vocab
+from wsl.errors import WslError
 
 
 def _shard_hashtags(shards: Path) -> dict[str, list[str]]:
@@ -269,3 +271,45 @@ def test_ranks_given_unequal_shards_yield_the_same_number_of_batches(tmp_path):
     shards_read = [{k[:-1] for k in r["keys"]} for r in ranks]  # keys 00000NN: shard = key // 10
     assert len(shards_read[0]) != len(shards_read[1]) and not shards_read[0] & shards_read[1]
     assert len(shards) == 3
+
+
+@pytest.mark.parametrize(("samples", "per_shard", "slots"), [(12, 5, 8), (30, 4, 3), (7, 1, 7), (20, 2, 4)])
+def test_evaluation_slots_yield_every_key_once_and_read_the_data_at_most_ceil_slots_over_shards_times(
+    tmp_path, samples, per_shard, slots
+):
+    hashtag_shards(tmp_path, [["cat"]] * samples, per_shard=per_shard)
+    shards = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    readers = [EvalDataset(str(tmp_path), EvalTransform(16, 16), rank=slot, world_size=slots) for slot in range(slots)]
+    keys = [sample["key"] for reader in readers for sample in reader]
+    assert sorted(keys) == [f"{i:07d}" for i in range(samples)], "every key exactly once"
+    read = sum(reader.samples_read for reader in readers)  # counted while reading, not computed
+    assert read <= math.ceil(slots / len(shards)) * samples, (read, len(shards), slots)
+
+
+def test_the_3360_slot_case_reads_each_held_out_shard_168_times_instead_of_3360():
+    reads = collections.Counter(shard for slot in range(3360) for shard in slot_share(20, slot, 3360)[0])
+    assert reads == {shard: 168 for shard in range(20)}
+
+
+def test_too_few_shards_without_resampling_is_an_error_in_the_main_process_before_any_worker_starts(tmp_path):
+    hashtag_shards(tmp_path, [["cat"]] * 12, per_shard=4)  # 3 shards
+    vocab = build_vocab(collections.Counter({"cat": 12}))
+    config = TrainDataConfig(shards=str(tmp_path), batch_size=2, num_workers=2, image_size=16, resampled=False)
+    with pytest.raises(WslError, match="3 shards are too few for 2 ranks x 2 workers without resampling"):
+        TrainLoader(config, vocab, rank=1, world_size=2)  # constructing it is enough: no iteration, no worker
+    assert len(TrainLoader(config, vocab, rank=0, world_size=1)) == 6  # 3 shards for 1 x 2 slots: fine
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_two_ranks_draw_different_crops_of_the_same_images(tmp_path, workers):
+    hashtag_shards(tmp_path, [["cat"]] * 16, per_shard=4, image=jpeg_bytes(96, 96, seed=3))  # one image, 16 times
+    vocab = build_vocab(collections.Counter({"cat": 16}))
+    config = TrainDataConfig(shards=str(tmp_path), batch_size=4, num_workers=workers, image_size=32, shuffle_buffer=0)
+    first = []
+    for rank in range(2):
+        torch.manual_seed(0)  # what seed_everything does on every rank: the same main-process RNG
+        first.append(next(iter(TrainLoader(config, vocab, rank=rank, world_size=2)))["image"])
+    assert not torch.equal(first[0], first[1]), "both ranks drew the same crops and flips"
+    torch.manual_seed(0)
+    again = next(iter(TrainLoader(config, vocab, rank=0, world_size=2)))["image"]
+    assert torch.equal(again, first[0]), "and a rank's draws are reproducible"

@@ -3,6 +3,7 @@ byte-identical and resumable output, clear errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import webdataset as wds
 from conftest import write_tar
 
-from wsl.data.demo import planted_duplicates
+from wsl.data.demo import planted_duplicates, synthetic_decisions
 from wsl.dedup.run import REPORT_FILE, DedupConfig, run_dedup
 
 
@@ -127,3 +128,55 @@ def test_the_compressed_ivf_window_index_removes_the_same_samples_as_the_exact_o
     assert not (tmp_path / "ivf" / "_dedup" / "eval-windows.npy").exists()
     assert len(removed["flat"]) >= 17  # of the 20 planted copies (the recall bar is tested on 200 above)
     assert removed["ivf"] == removed["flat"]
+
+
+CLASSIFY = """
+import hashlib, json, resource, sys
+from pathlib import Path
+from wsl.dedup.run import classify_decisions
+
+files = sorted(Path(sys.argv[1]).glob("*.json"))
+digest = hashlib.sha256()
+for name, entry in classify_decisions(files, 0.77, Path(sys.argv[2])):
+    digest.update(json.dumps([name, entry], sort_keys=True).encode())
+print(json.dumps({"digest": digest.hexdigest(), "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _in_memory_answer(files: list[Path], threshold: float) -> str:
+    """The decision step before it streamed: every shard's decisions and one dict of every digest."""
+    first_seen, digest = {}, hashlib.sha256()
+    for shard in [json.loads(path.read_text()) for path in files]:
+        entry = {"samples": len(shard["samples"]), "keep": [], "copies": [], "exact_duplicates": [], "corrupt": []}
+        for record in shard["samples"]:
+            where = f"{shard['shard']}:{record['key']}"
+            if "corrupt" in record:
+                entry["corrupt"].append({"key": record["key"], "reason": record["corrupt"]})
+                continue
+            if record["score"] >= threshold:
+                entry["copies"].append({"key": record["key"], "match": record["match"], "score": record["score"]})
+            elif record["sha256"] in first_seen:
+                entry["exact_duplicates"].append({"key": record["key"], "same_as": first_seen[record["sha256"]]})
+            else:
+                entry["keep"].append(record["key"])
+            first_seen.setdefault(record["sha256"], where)
+        digest.update(json.dumps([shard["shard"], entry], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_the_decision_step_gives_the_in_memory_answer_in_memory_that_does_not_grow_with_the_data(tmp_path):
+    peaks = {}
+    for samples in (100_000, 1_000_000):
+        files = synthetic_decisions(tmp_path / f"d{samples}", samples)
+        run = subprocess.run(
+            [sys.executable, "-c", CLASSIFY, str(tmp_path / f"d{samples}"), str(tmp_path / f"w{samples}")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads(run.stdout)
+        assert result["digest"] == _in_memory_answer(files, 0.77), f"different decisions at {samples} samples"
+        peaks[samples] = result["peak"]
+    assert peaks[1_000_000] <= 1.3 * peaks[100_000], peaks

@@ -18,10 +18,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 
 from wsl.config import load
+from wsl.data.transforms import EvalTransform
 from wsl.errors import WslError
 from wsl.eval.evaluate import Config as EvalConfig
-from wsl.eval.evaluate import run_eval
-from wsl.eval.features import extract_features, load_features
+from wsl.eval.evaluate import augmented_probe_config, run_eval
+from wsl.eval.features import extract_features, frozen_backbone, load_features
 from wsl.eval.knn import knn_classify, l2_normalise, search, weighted_vote
 from wsl.eval.linear_probe import linear_probe
 from wsl.models import build_model
@@ -63,6 +64,25 @@ def test_knn_on_clustered_features_finds_the_clusters_and_skips_k_beyond_the_dat
     results, ids = knn_classify(train, train_labels, val, val_labels, 4, ks=(10, 20, 200))
     assert set(results) == {10, 20} and ids.shape == (40, 20)
     assert results[20]["top1"] > 0.95 and results[20]["top5"] == 1.0
+
+
+def test_ivf_neighbours_missing_from_the_probed_lists_cast_no_vote():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16)).astype(np.float32)
+    train = np.repeat(centres, 3, axis=0) + 0.01 * rng.normal(size=(120, 16)).astype(np.float32)
+    labels = np.repeat(np.arange(40) % 4, 3)
+    queries = centres[:8] + 0.01 * rng.normal(size=(8, 16)).astype(np.float32)
+    options = dict(index="ivf", nlist=3, nprobe=1)  # each query probes one list of ~40 vectors: k = 100 is not there
+    results, ids = knn_classify(train, labels, queries, labels[::3][:8], 4, ks=(100,), **options)
+    assert (ids == -1).any(), "the probed lists hold fewer than k vectors"
+    similarities, same_ids = search(l2_normalise(train), l2_normalise(queries), 100, **options)
+    found = same_ids >= 0
+    expected = np.zeros((8, 4))
+    for q in range(8):
+        for s, i in zip(similarities[q][found[q]], same_ids[q][found[q]]):
+            expected[q, labels[i]] += np.exp(s / 0.07)
+    top1 = float((expected.argmax(1) == labels[::3][:8]).mean())
+    assert results[100]["top1"] == top1 == 1.0
 
 
 def test_linear_probe_is_within_one_point_of_scikit_learns_logistic_regression():
@@ -141,6 +161,27 @@ def test_two_process_extraction_over_an_odd_number_of_images_writes_each_once_an
     )
     assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.npz"))[1:]} == kept
     np.testing.assert_array_equal(np.load(parts[0])["features"], lost)
+
+
+def test_features_are_computed_in_float32_by_default_and_in_bfloat16_when_asked(tmp_path):
+    folder = _image_folder(tmp_path / "images", {"a": 3})
+    options = dict(image_size=32, resize=36, batch_size=3, num_workers=0, rank=0, world_size=1, progress=False)
+    default = load_features(
+        extract_features(str(folder), tmp_path / "f32", "resnext14_8x4d", None, dtype="float32", **options)
+    )
+    half = load_features(
+        extract_features(
+            str(folder), tmp_path / "bf16", "resnext14_8x4d", None, dtype="float32", precision="bfloat16", **options
+        )
+    )
+    net, _ = frozen_backbone("resnext14_8x4d", None)
+    images = torch.stack([EvalTransform(32, 36)((folder / "a" / f"a_{i:03d}.JPEG").read_bytes()) for i in range(3)])
+    with torch.inference_mode():
+        reference = net.forward_features(images).numpy()
+    assert default.meta["precision"] == "float32" and half.meta["precision"] == "bfloat16"
+    np.testing.assert_allclose(default.features, reference, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(half.features, reference, rtol=1e-5, atol=1e-6)
+    assert load(EvalConfig, ["configs/eval/demo.yaml"]).features.precision == "float32"
 
 
 def test_mixed_backbones_different_class_lists_and_an_empty_dataset_are_one_clear_error(tmp_path):
@@ -237,3 +278,10 @@ def test_eval_reports_both_backbones_with_json_picture_and_wandb_offline_run(dem
     )
     assert list((tmp_path / "eval").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(list((tmp_path / "eval").glob("wandb/offline-run-*/files/media/images/*/*.png"))) == 2  # the pictures
+
+
+def test_the_augmented_probe_runs_on_one_device_whatever_the_host_has():
+    config = load(EvalConfig, ["configs/eval/demo.yaml"], ["linear.augmented=true"])
+    probe = augmented_probe_config("hashtag-pretrained", "x.ckpt", config)
+    assert probe.trainer.devices == 1 and probe.trainer.num_nodes == 1 and probe.freeze_backbone
+    assert probe.data.train == config.data.train and probe.run_dir.endswith("probe-hashtag-pretrained")

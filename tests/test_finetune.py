@@ -6,12 +6,14 @@ import json
 import re
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from conftest import jpeg_bytes, write_tar
+from timm.data import ImageNetInfo
 
 from wsl.config import load
 from wsl.data.folders import LabelledImageFolder, collate_labelled
@@ -138,8 +140,8 @@ def test_a_wsl_images_pth_loads_into_the_finetuning_model_with_only_the_head_rei
     loaded = model.net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in released.items() if not k.startswith("fc."))
     assert loaded["fc.weight"].shape == (10, 2048) and torch.equal(loaded["fc.weight"], head_before)
-    wrong = path.rename(tmp_path / "ig_resnext101_32x8-00000000.pth")
-    with pytest.raises(WslError, match="SHA-256 does not start with 00000000"):
+    wrong = path.rename(tmp_path / "ig_resnext101_32x8-c38310e5.pth")  # the published name, other bytes
+    with pytest.raises(WslError, match="SHA-256 does not start with c38310e5"):
         load_weights(model.net, wrong, "resnext101_32x8d")
 
 
@@ -351,3 +353,40 @@ def test_a_frozen_backbone_probe_trains_only_the_classifier_and_keeps_batchnorm_
         torch.equal(trained[f"net.{k}"], v) for k, v in start.items() if not k.startswith("fc.")
     )  # BN buffers too
     assert not torch.equal(trained["net.fc.weight"], start["fc.weight"])
+
+
+@pytest.mark.slow
+def test_validation_reports_lower_bound_top1_with_copies_counted_wrong_and_real_top1_on_imagenet_keys(tmp_path):
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    real = json.loads((files("timm.data") / "_info" / "imagenet_real_labels.json").read_text())
+    predicted = next(labels[0] for labels in real[:5] if labels)  # the network below predicts it for every image
+    val = tmp_path / "val"
+    val.mkdir()
+    rows = ["ImageId,PredictionString"]
+    for number in range(1, 6):  # ILSVRC2012_val_00000001..5: images 1 and 2 labelled `predicted`
+        name = f"ILSVRC2012_val_{number:08d}"
+        (val / f"{name}.JPEG").write_bytes(jpeg_bytes(40, 36, seed=number))
+        rows.append(f"{name},{wnids[predicted] if number <= 2 else wnids[(predicted + number) % 1000]} 0 0 1 1")
+    rows += [f"absent_{i},{wnid} 0 0 1 1" for i, wnid in enumerate(wnids)]  # the labels file names all 1,000 classes
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    net = build_model("resnext14_8x4d", 1000)
+    torch.nn.init.zeros_(net.fc.weight)
+    with torch.no_grad():
+        net.fc.bias.zero_()[predicted] = 1.0
+    torch.save(net.state_dict(), tmp_path / "constant.pth")
+    report = tmp_path / "dedup_report.json"  # `wsl dedup` found image 2 copied in the pretraining data
+    report.write_text(
+        json.dumps(
+            {"shards": {"a.tar": {"copies": [{"key": "k", "match": "val/ILSVRC2012_val_00000002", "score": 0.9}]}}}
+        )
+    )
+    result = _validate(
+        tmp_path / "constant.pth", val, "model=resnext14_8x4d", f"dedup_reports=[{report}]", "trainer.devices=1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = re.search(r"val top-1 .*", result.stdout).group(0)
+    with_real = [real[n - 1] for n in range(1, 6) if real[n - 1]]
+    expected_real = 100 * sum(predicted in labels for labels in with_real) / len(with_real)
+    assert "val top-1 40.00" in line, line  # images 1 and 2 right
+    assert "lower-bound top-1 20.00 (1 copied in pretraining count as errors)" in line, line
+    assert f"ReaL top-1 {expected_real:.2f} ({len(with_real)} with ReaL labels)" in line, line

@@ -18,7 +18,7 @@ import torchvision
 from wsl.config import load
 from wsl.errors import WslError
 from wsl.models import PAPER_MODELS, build_model, count_parameters
-from wsl.train.optim import OptimConfig, lr_factor
+from wsl.train.optim import OptimConfig, lr_factor, paper_training_length
 from wsl.train.pretrain import Config, run_pretraining, soft_target_cross_entropy
 from wsl.train.runner import resume_checkpoint
 
@@ -55,6 +55,30 @@ def test_lr_warms_up_linearly_then_decays():
     assert lr_factor(55, 100, config) == pytest.approx(0.5) and lr_factor(100, 100, config) == pytest.approx(0.0)
     steps = OptimConfig(schedule="step", step_milestones=[0.5, 0.75], step_gamma=0.1)
     assert [lr_factor(s, 100, steps) for s in (0, 49, 50, 80)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_the_papers_schedule_warms_up_from_the_lr_of_256_images_then_halves_13_times():
+    config = OptimConfig(base_lr=0.1, warmup_steps=800, schedule="paper", paper_reductions=13, paper_factor=0.5)
+    peak, steps, batch = 0.1 * 8064 / 256, 14 * 1000 + 800, 8064
+    lr = [peak * lr_factor(step, steps, config, batch) for step in range(steps + 1)]
+    assert lr[0] == pytest.approx(0.1) and lr[400] == pytest.approx((0.1 + peak) / 2) and lr[800] == pytest.approx(peak)
+    assert max(lr) == pytest.approx(3.15)
+    halvings = [step for step in range(1, steps + 1) if lr[step] < lr[step - 1] - 1e-12]
+    assert halvings == [800 + 1000 * i for i in range(1, 14)], "13 equally spaced reductions after the warm-up"
+    for i, step in enumerate(halvings, 1):
+        assert lr[step] == pytest.approx(peak * 0.5**i) and lr[step - 1] == pytest.approx(peak * 0.5 ** (i - 1))
+    assert lr[-1] == pytest.approx(peak * 0.5**13)
+
+
+def test_the_paper_configs_use_the_papers_schedule_and_zero_initialised_residual_gammas():
+    config = load(Config, ["configs/pretrain/ig_resnext101_32x8d.yaml"])
+    assert config.optim.schedule == "paper" and config.zero_init_residual and config.optim.warmup_steps == 800
+    assert paper_training_length(940e6, 8064) == (1_983_605_808, 245_983)
+    assert config.max_steps == 246_000
+    net = build_model("resnext14_8x4d", 10, zero_init_residual=True)
+    gammas = [block.bn3.weight for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for block in layer]
+    assert gammas and all(torch.count_nonzero(g) == 0 for g in gammas)
+    assert torch.count_nonzero(build_model("resnext14_8x4d", 10).layer1[0].bn3.weight) > 0
 
 
 @pytest.mark.slow

@@ -101,9 +101,17 @@ def test_a_torchvision_state_dict_under_the_wsl_images_name_loads_through_the_hu
     with torch.no_grad():
         assert torch.equal(model(batch), reference(batch))
         assert model.forward_features(batch).shape == (2, 2048)
-    wrong = path.rename(tmp_path / "ig_resnext101_32x8-deadbeef.pth")
-    with pytest.raises(WslError, match="SHA-256 does not start with deadbeef"):
+    wrong = path.rename(tmp_path / "ig_resnext101_32x8-c38310e5.pth")  # the published name, other bytes
+    with pytest.raises(WslError, match="SHA-256 does not start with c38310e5"):
         torch.hub.load(REPO, "resnext101_32x8d_wsl", weights=str(wrong), source="local")
+
+
+def test_a_users_own_dated_file_name_loads_and_any_name_is_checked_when_asked(tmp_path):
+    weights = tmp_path / "model-20240101.pth"  # a date, not a hash: not the user's problem
+    torch.save(build_model("resnext14_8x4d", 5).state_dict(), weights)
+    assert wsl.load_backbone(weights).fc.out_features == 5
+    with pytest.raises(WslError, match="SHA-256 does not start with 20240101"):
+        wsl.load_backbone(weights, check_hash=True)
 
 
 def test_a_pth_whose_pickle_calls_os_system_is_refused_and_the_payload_never_runs(tmp_path):

@@ -1,9 +1,12 @@
 import json
 import tarfile
+from pathlib import Path
 
-from conftest import jpeg_bytes, write_tar
+import pytest
+from conftest import hashtag_shards, jpeg_bytes, write_tar
 
-from wsl.data.shards import read_input_shards, read_jsonl, write_shards
+from wsl.data.shards import expand_shard_spec, read_input_shards, read_jsonl, write_shards
+from wsl.errors import WslError
 
 
 def test_demo_shards_hold_jpg_and_json_members(demo):
@@ -85,3 +88,18 @@ def test_img2dataset_shards_are_resharded_with_hashtags_from_json_or_caption_tex
     assert metas["001.json"]["hashtags"] == ["cat", "dog"]
     assert metas["002.json"]["hashtags"] == ["sky"]
     assert not any(n.endswith(".pth") for n in names)
+
+
+def test_only_rank_0_stats_the_shards_of_a_pattern(tmp_path, monkeypatch):
+    hashtag_shards(tmp_path, [["cat"]] * 4, per_shard=2)  # s-000000.tar, s-000001.tar
+    pattern = str(tmp_path / "s-{000000..000002}.tar")  # the third is missing
+    stats = []
+    is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: stats.append(self) or is_file(self))
+    monkeypatch.setenv("WORLD_SIZE", "336")
+    monkeypatch.setenv("RANK", "7")
+    assert len(expand_shard_spec(pattern)) == 3 and stats == [], "rank 7 lists the pattern without a metadata call"
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(WslError, match="shard not found: .*s-000002.tar"):
+        expand_shard_spec(pattern)
+    assert len(stats) == 3

@@ -3,8 +3,15 @@ import json
 
 import pytest
 from conftest import hashtag_shards
+from timm.data import ImageNetInfo
 
-from wsl.data.vocab import Vocabulary, build_vocab, build_vocab_from_shards, imagenet_hashtags
+from wsl.data.vocab import (
+    Vocabulary,
+    build_synset_vocab,
+    build_vocab,
+    build_vocab_from_shards,
+    lemma_hashtag,
+)
 from wsl.errors import WslError
 
 
@@ -32,12 +39,32 @@ def test_soft_target_is_one_over_k_on_the_images_classes_and_sums_to_one():
     assert float(target.sum()) == pytest.approx(1.0)
 
 
-def test_imagenet_aligned_vocabulary_uses_torchvisions_class_names_with_synonyms():
-    tags = imagenet_hashtags()
-    assert len(tags) == 999 and "greatwhiteshark" in tags and "tench" in tags  # Cardigan (dog) == cardigan
-    counts = collections.Counter({"tench": 5, "tinca": 2, "love": 100})
-    vocab = build_vocab(counts, synonyms={"tench": ["tinca"]}, base_tags=tags)
-    assert vocab.tags == ["tench"] and vocab.classes[0].count == 7  # classes with no image are left out
+def test_the_imagenet_vocabulary_is_the_lemmas_of_the_1000_synsets_a_class_each_in_wnid_order():
+    counts = collections.Counter({"tench": 5, "tincatinca": 2, "greatwhiteshark": 3, "maneater": 1, "love": 100})
+    vocab = build_synset_vocab(counts, "imagenet-1k", synonyms={"tench": ["tinca"]})
+    assert len(vocab) == 1000 and vocab.tags == sorted(vocab.tags) and vocab.tags[0] == "n01440764"
+    assert vocab.tags == ImageNetInfo("imagenet-1k").label_names()  # the released 1000-class heads' order
+    tench, shark = vocab.classes[0], vocab.classes[vocab.tags.index("n01484850")]
+    assert set(tench.synonyms) == {"tench", "tincatinca", "tinca"} and tench.count == 7
+    assert {"greatwhiteshark", "whiteshark", "maneater", "carcharodoncarcharias"} <= set(shark.synonyms)
+    assert shark.count == 4 and vocab.class_ids(["#GreatWhiteShark", "#man-eater"]) == [vocab.tags.index("n01484850")]
+    assert vocab.class_ids(["love"]) == [] and vocab.classes[1].count == 0  # no image: the class stays, count 0
+    wordnet = vocab.meta["wordnet"]
+    assert wordnet["covered"] == 2 and wordnet["synsets"] == 1000
+    assert wordnet["collisions"]["cardigan"] == ["n02113186", "n02963159"]  # the corgi and the sweater
+    assert vocab.class_ids(["cardigan"]) == [vocab.tags.index("n02113186")]  # the first in wnid order keeps it
+    assert (
+        lemma_hashtag("jack-o'-lantern") == "jackolantern" and lemma_hashtag("Great White Shark") == "greatwhiteshark"
+    )
+
+
+def test_the_wordnet_vocabulary_covers_all_21844_synsets_then_keeps_the_most_frequent():
+    counts = collections.Counter({"dog": 9, "domesticdog": 1, "cat": 4, "tench": 2, "love": 50})
+    vocab = build_synset_vocab(counts, "wordnet", top_k=2)
+    assert vocab.meta["wordnet"]["synsets"] == 21844 and len(vocab) == 2
+    dog = vocab.classes[0]
+    assert "domesticdog" in dog.synonyms and dog.count >= 10 and vocab.classes[1].count >= 4
+    assert vocab.class_ids(["love"]) == []
 
 
 def test_vocabulary_file_round_trips_and_names_itself_by_hash(tmp_path):

@@ -56,12 +56,22 @@ class ResNeXt(ResNet):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def build_model(name: str, num_classes: int, device: str | torch.device | None = None) -> ResNeXt:
+def build_model(
+    name: str, num_classes: int, device: str | torch.device | None = None, zero_init_residual: bool = False
+) -> ResNeXt:
     """torchvision's `ResNet(Bottleneck, blocks, groups=G, width_per_group=W)`; `device="meta"`
-    builds it without memory (to count parameters of a 32x48d on a laptop)."""
+    builds it without memory (to count parameters of a 32x48d on a laptop). `zero_init_residual`:
+    the last batch-norm gamma of every residual block starts at zero (Goyal et al., the paper's recipe)."""
     blocks, groups, width = parse_model_name(name)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return ResNeXt(Bottleneck, blocks, num_classes=num_classes, groups=groups, width_per_group=width)
+        return ResNeXt(
+            Bottleneck,
+            blocks,
+            num_classes=num_classes,
+            groups=groups,
+            width_per_group=width,
+            zero_init_residual=zero_init_residual,
+        )
 
 
 def count_parameters(name: str, num_classes: int = 1000) -> int:

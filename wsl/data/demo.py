@@ -17,6 +17,7 @@ Image i depends only on (seed, i), so any number of worker processes gives the s
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import io
 import json
 import math
@@ -497,3 +498,32 @@ def main(config: Config) -> str:
             f"  synonym file: {summary['synonyms']}",
         ]
     )
+
+
+def synthetic_decisions(folder: str | Path, samples: int, per_shard: int = 1000, seed: int = 0) -> list[Path]:
+    """`wsl dedup` decision files without images, for measuring the decision step at any size:
+    1 in 200 samples repeats an earlier one's bytes, 1 in 1,000 is a copy of an evaluation
+    image (score 0.9), 1 in 1,000 is undecodable. Returns the files in shard order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for shard, start in enumerate(range(0, samples, per_shard)):
+        records = []
+        for index in range(start, min(samples, start + per_shard)):
+            draw = rng.random()
+            source = int(rng.integers(0, index)) if draw < 0.005 and index else index  # a byte duplicate
+            record = {"key": f"s{index:010d}", "sha256": hashlib.sha256(str(source).encode()).hexdigest()}
+            if 0.005 <= draw < 0.006:
+                record["corrupt"] = "not an image"
+            else:
+                copy = 0.006 <= draw < 0.007
+                record |= {
+                    "score": 0.9 if copy else round(float(rng.random()) * 0.7, 4),
+                    "match": "eval/x" if copy else None,
+                }
+            records.append(record)
+        path = folder / f"shard-{shard:06d}.tar.json"
+        path.write_text(json.dumps({"shard": f"shard-{shard:06d}.tar", "samples": records}))
+        paths.append(path)
+    return paths

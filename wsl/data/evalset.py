@@ -20,9 +20,9 @@ class EvalDataset(IterableDataset):
 
     Yields {"key", "image", "label"}: an image folder's class index (see `labelled_images`
     for the layouts, `classes` and `labels_file`); for shards the `.cls` member if present,
-    else -1 and the hashtags (newline-joined) under "hashtags". Shards are divided among the
-    (rank, worker) slots when there are at least as many shards as slots, otherwise every slot
-    reads all shards and keeps every n-th sample. Corrupt images are skipped and logged (so
+    else -1 and the hashtags (newline-joined) under "hashtags". Shards are shared among the
+    (rank, worker) slots by `slot_share`: each sample once, each slot reading only its share.
+    Corrupt images are skipped and logged (so
     each is counted, by being absent, once).
     """
 
@@ -39,6 +39,7 @@ class EvalDataset(IterableDataset):
         if rank is None or world_size is None:
             rank, world_size = distributed_rank()
         self.rank, self.world_size = rank, world_size
+        self.samples_read = 0  # samples this instance read from shards (in its own process), kept or not
         path = Path(str(source))
         self.folder_items: list[tuple[str, int]] | None = None
         if is_image_folder(path):
@@ -59,11 +60,10 @@ class EvalDataset(IterableDataset):
                 except DATA_ERRORS as exn:
                     counter.skip("corrupt_image", exn, key)
             return
-        split_shards = len(self.urls) >= slots
-        urls = self.urls[slot::slots] if split_shards else self.urls
-        samples = read_shard_samples(urls)
-        for index, sample in enumerate(samples):
-            if not split_shards and index % slots != slot:
+        shards, every, keep = slot_share(len(self.urls), slot, slots)
+        for index, sample in enumerate(read_shard_samples([self.urls[i] for i in shards])):
+            self.samples_read += 1
+            if index % every != keep:
                 continue
             key = sample["__key__"]
             try:
@@ -74,3 +74,19 @@ class EvalDataset(IterableDataset):
                 counter.skip("corrupt_image", exn, key)
                 continue
             yield {"key": key, "image": image, "label": label, "hashtags": "\n".join(hashtags)}
+
+
+def slot_share(num_shards: int, slot: int, slots: int) -> tuple[list[int], int, int]:
+    """What one (rank, worker) slot of `slots` reads so that every sample is yielded exactly
+    once: (its shards, m, r), keeping sample j of them (counted over its shards) when j % m == r.
+
+    With at least as many shards as slots, slot s reads shards s, s + slots, ... whole. With
+    fewer, slot s reads only shard s % n, which the ceil((slots - i) / n) slots sharing shard i
+    split by sample index: each slot reads one shard, so the data is read at most
+    ceil(slots / shards) times in all (not `slots` times, as when every slot read every shard).
+    """
+    if num_shards >= slots:
+        return list(range(slot, num_shards, slots)), 1, 0
+    shard = slot % num_shards
+    sharing = len(range(shard, slots, num_shards))
+    return [shard], sharing, slot // num_shards

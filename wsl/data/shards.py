@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from wsl.config import REQUIRED, option
 from wsl.data.hashtags import canonical_tag, extract_hashtags
+from wsl.distributed import distributed_rank
 from wsl.errors import WslError
 from wsl.files import write_atomic
 
@@ -85,11 +86,15 @@ def read_shard_samples(urls: list[str], members=is_sample_member, handler=None) 
     return wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(select_files=members, **kwargs))
 
 
-def expand_shard_spec(spec: str | Path | Iterable[str | Path]) -> list[str]:
+def expand_shard_spec(spec: str | Path | Iterable[str | Path], check_exists: bool | None = None) -> list[str]:
     """Shard URLs from paths, directories (their *.tar), brace patterns or remote URLs.
 
-    Several specs may be joined with '::' (webdataset's convention). Local paths must exist.
+    Several specs may be joined with '::' (webdataset's convention). Local paths must exist:
+    checked by rank 0 only (`check_exists=None`), so that 336 ranks do not each stat 188k
+    shards on a shared filesystem at start-up; rank 0's error stops the job.
     """
+    if check_exists is None:
+        check_exists = distributed_rank()[0] == 0
     if isinstance(spec, (str, Path)):
         specs = [s for s in str(spec).split("::") if s]
     else:
@@ -107,7 +112,7 @@ def expand_shard_spec(spec: str | Path | Iterable[str | Path]) -> list[str]:
             urls += found
             continue
         for expanded in braceexpand.braceexpand(item):
-            if not Path(expanded).is_file():
+            if check_exists and not Path(expanded).is_file():
                 raise WslError(f"shard not found: {expanded}")
             urls.append(expanded)
     if not urls:

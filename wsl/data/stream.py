@@ -13,11 +13,13 @@ resume). Without a vocabulary the same stream trains a classifier on labelled sh
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
@@ -45,6 +47,17 @@ class StreamSeed:
         return random.Random(f"{self.seed}/{self.epoch}/{self.step}/{rank}/{worker}/{purpose}")
 
 
+def seed_augmentation(seed: StreamSeed, worker_id: int = 0) -> None:
+    """Seed the RNGs the augmentations draw from (torch, random, numpy) in a DataLoader worker,
+    or in the main process when there are none, by (seed, epoch, step, rank, worker): torch's
+    own worker seeds come from the main process's RNG, which `seed_everything` makes the same
+    on every rank, so every rank would draw the same crops and flips."""
+    value = seed.rng("augmentation").getrandbits(63)
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
 class ShardSource(IterableDataset):
     """Shard URLs for this rank and worker, forever: resampled, or shuffled and split."""
 
@@ -63,12 +76,7 @@ class ShardSource(IterableDataset):
         worker, num_workers = dataloader_worker()
         order = list(self.urls)
         self.seed.rng("split", per_worker=False).shuffle(order)  # same order on every rank
-        mine = order[rank::world_size][worker::num_workers]
-        if not mine:
-            raise WslError(
-                f"{len(self.urls)} shards are too few for {world_size} ranks x {num_workers} workers "
-                "without resampling: use resampled shards, fewer workers or more shards"
-            )
+        mine = order[rank::world_size][worker::num_workers]  # never empty: TrainLoader checks the counts
         while True:  # a rank with fewer shards cycles them; the loader fixes the epoch length
             rng.shuffle(mine)
             for url in mine:
@@ -227,6 +235,13 @@ class TrainLoader:
             raise WslError("labelled shards need data.num_classes")
         if rank is None or world_size is None:
             rank, world_size = distributed_rank()
+        slots = world_size * max(1, config.num_workers)
+        if not config.resampled and len(urls) < slots:  # here, in every rank's main process: a worker
+            # without a shard would fail alone and leave the other ranks hanging in their first all-reduce
+            raise WslError(
+                f"{len(urls)} shards are too few for {world_size} ranks x {max(1, config.num_workers)} workers "
+                "without resampling (data.resampled=false): use resampled shards, fewer workers or more shards"
+            )
         samples = config.samples_per_epoch
         if samples is None:
             sizes = read_sizes(urls)
@@ -266,12 +281,15 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.position is not None:
             self.set_epoch(*self.position())
+        if not self.config.num_workers:
+            seed_augmentation(self.seed)
         loader = wds.WebLoader(
             self.pipeline,
             batch_size=None,
             num_workers=self.config.num_workers,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if self.config.num_workers else None,
+            worker_init_fn=functools.partial(seed_augmentation, self.seed) if self.config.num_workers else None,
         ).with_epoch(self.num_batches)
         for batch in loader:
             self._worker_counts[batch.pop("worker")] = batch.pop("counts")

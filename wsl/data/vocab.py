@@ -166,16 +166,83 @@ def count_hashtags(urls: list[str], workers: int = 1) -> tuple[collections.Count
     return total, samples
 
 
-def imagenet_hashtags() -> list[str]:
-    """The 1,000 ImageNet-1k class names written as hashtags ('great white shark' -> 'greatwhiteshark').
+def lemma_hashtag(lemma: str) -> str:
+    """A WordNet lemma as users type it as a hashtag: 'great white shark' -> 'greatwhiteshark',
+    "jack-o'-lantern" -> 'jackolantern' (lowercase; spaces, hyphens, apostrophes dropped)."""
+    return canonical_tag("".join(ch for ch in lemma if ch.isalnum()))
 
-    torchvision ships the names offline. 'Cardigan' (the corgi) and 'cardigan' (the sweater)
-    are one hashtag, so this gives 999 distinct tags.
+
+def wordnet_lemmas(subset: str) -> dict[str, list[str]]:
+    """WordNet id -> its lemmas as hashtags, from the word lists timm ships (nothing downloaded):
+    subset "imagenet-1k", the 1,000 ImageNet-1k synsets (`timm.data.ImageNetInfo`), or
+    "wordnet", all 21,844 noun synsets of `timm/data/_info/imagenet_synset_to_lemma.txt`."""
+    from importlib.resources import files
+
+    from timm.data import ImageNetInfo
+
+    if subset == "imagenet-1k":
+        info = ImageNetInfo("imagenet-1k")
+        pairs = zip(info.label_names(), info.label_descriptions())
+    else:
+        text = (files("timm.data") / "_info" / "imagenet_synset_to_lemma.txt").read_text(encoding="utf-8")
+        pairs = (line.split("\t", 1) for line in text.splitlines() if "\t" in line)
+    lemmas = {}
+    for wnid, names in pairs:
+        tags = unique_canonical([lemma_hashtag(name) for name in names.split(",")])
+        lemmas[wnid] = [t for t in tags if t]
+    return lemmas
+
+
+def build_synset_vocab(
+    counts: collections.Counter,
+    subset: str,
+    *,
+    synonyms: dict[str, list[str]] | None = None,
+    top_k: int | None = None,
+    min_count: int = 1,
+    meta: dict | None = None,
+) -> Vocabulary:
+    """The paper's vocabularies: one class per WordNet synset, named by its id, whose hashtags
+    are all its lemmas (and the user's synonyms of them).
+
+    "imagenet-1k": all 1,000 classes, in sorted-wnid order, so the head maps onto the released
+    1000-class heads (a class no image has keeps count 0). "wordnet": the 21,844 synsets, then
+    `top_k` / `min_count` by image count, as for any vocabulary (the paper's 8.5k is the most
+    frequent of its 17k). A hashtag that is a lemma of several synsets goes to the first in
+    sorted-wnid order; the others are listed in the vocabulary's `meta["wordnet"]["collisions"]`.
     """
-    from torchvision.models import ResNet50_Weights
-
-    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
-    return unique_canonical(["".join(ch for ch in name if ch.isalnum()) for name in names])
+    lemmas = wordnet_lemmas(subset)
+    owner: dict[str, str] = {}
+    collisions: dict[str, list[str]] = {}
+    for wnid in sorted(lemmas):
+        for tag in lemmas[wnid]:
+            if tag in owner:
+                collisions.setdefault(tag, [owner[tag]]).append(wnid)
+            else:
+                owner[tag] = wnid
+    for head, extra in (synonyms or {}).items():  # the user's synonyms of a lemma join its synset
+        for tag in extra:
+            if head in owner:
+                owner.setdefault(tag, owner[head])
+    tags_of: dict[str, list[str]] = collections.defaultdict(list)
+    for tag, wnid in owner.items():
+        tags_of[wnid].append(tag)
+    count = {wnid: sum(counts.get(tag, 0) for tag in tags_of[wnid]) for wnid in lemmas}
+    if subset == "imagenet-1k":
+        kept = sorted(lemmas)
+    else:
+        ranked = sorted(lemmas, key=lambda wnid: (-count[wnid], wnid))
+        kept = [wnid for wnid in ranked if count[wnid] >= min_count][:top_k]
+    classes = [VocabClass(wnid, count[wnid], tuple(sorted(tags_of[wnid]))) for wnid in kept]
+    meta = dict(meta or {})
+    meta["wordnet"] = {
+        "subset": subset,
+        "synsets": len(lemmas),
+        "covered": sum(1 for wnid in lemmas if count[wnid] > 0),
+        "collisions": collisions,
+        "collision_rule": "a hashtag shared by several synsets belongs to the first in sorted-wnid order",
+    }
+    return Vocabulary(classes, meta)
 
 
 def build_vocab(
@@ -216,9 +283,11 @@ def build_vocab_from_shards(
     synonyms_file: str | None = None,
     top_k: int | None = None,
     min_count: int = 1,
-    imagenet: bool = False,
+    synsets: str | None = None,
     workers: int = 1,
 ) -> Vocabulary:
+    """Count the shards' hashtags and build a vocabulary: of the data's own hashtags, or with
+    `synsets` ("imagenet-1k" or "wordnet") of WordNet synsets (`build_synset_vocab`)."""
     urls = expand_shard_spec(shards)
     synonyms = load_synonyms(synonyms_file) if synonyms_file else {}
     counts, samples = count_hashtags(urls, workers)
@@ -230,17 +299,12 @@ def build_vocab_from_shards(
             "synonyms_file": synonyms_file,
             "top_k": top_k,
             "min_count": min_count,
-            "imagenet_aligned": imagenet,
+            "synsets": synsets,
         }
     }
-    return build_vocab(
-        counts,
-        synonyms=synonyms,
-        top_k=top_k,
-        min_count=min_count,
-        base_tags=imagenet_hashtags() if imagenet else None,
-        meta=meta,
-    )
+    if synsets:
+        return build_synset_vocab(counts, synsets, synonyms=synonyms, top_k=top_k, min_count=min_count, meta=meta)
+    return build_vocab(counts, synonyms=synonyms, top_k=top_k, min_count=min_count, meta=meta)
 
 
 @dataclass
@@ -252,22 +316,40 @@ class Config:
     synonyms: str | None = option(None, "synonym file: `canonical: synonym, synonym` a line")
     top_k: int | None = option(None, "keep the k most frequent classes (null: all)", minimum=1)
     min_count: int = option(1, "keep classes with at least this many images", minimum=1)
-    imagenet: bool = option(False, "only the 1,000 ImageNet class names as hashtags (+synonyms)")
+    imagenet: bool = option(
+        False, "the paper's ~1.5k-hashtag vocabulary: the lemmas of the 1,000 ImageNet-1k synsets, a class each"
+    )
+    wordnet: bool = option(
+        False, "the paper's 17k-style vocabulary: the lemmas of all 21,844 WordNet noun synsets (then top_k/min_count)"
+    )
     workers: int = option(os.cpu_count() or 1, "shards read at once", minimum=1)
 
 
 def main(config: Config) -> str:
     if config.synonyms and not Path(config.synonyms).is_file():
         raise WslError(f"synonym file not found: {config.synonyms}")
+    if config.imagenet and config.wordnet:
+        raise WslError("imagenet=true and wordnet=true exclude each other: choose one")
     vocab = build_vocab_from_shards(
         config.shards,
         synonyms_file=config.synonyms,
         top_k=config.top_k,
         min_count=config.min_count,
-        imagenet=config.imagenet,
+        synsets="imagenet-1k" if config.imagenet else "wordnet" if config.wordnet else None,
         workers=config.workers,
     )
     path = vocab.save(config.out)
-    return f"vocabulary {vocab.short_hash}: {len(vocab)} classes -> {path}\n  most frequent: " + ", ".join(
-        f"#{c.tag} ({c.count})" for c in vocab.classes[:8]
-    )
+    lines = [
+        f"vocabulary {vocab.short_hash}: {len(vocab)} classes -> {path}",
+        "  most frequent: "
+        + ", ".join(f"#{c.tag} ({c.count})" for c in sorted(vocab.classes, key=lambda c: -c.count)[:8]),
+    ]
+    if "wordnet" in vocab.meta:
+        wordnet = vocab.meta["wordnet"]
+        shared = ", ".join(f"#{tag} ({'/'.join(wnids)})" for tag, wnids in list(wordnet["collisions"].items())[:3])
+        lines.append(
+            f"  the data covers {wordnet['covered']} of {wordnet['synsets']} synsets; "
+            f"{len(wordnet['collisions'])} hashtags are lemmas of several synsets, each kept by the first in "
+            f"sorted-wnid order{': ' + shared if shared else ''} (all in the file's meta.wordnet.collisions)"
+        )
+    return "\n".join(lines)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -61,10 +63,10 @@ def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 2
     return decisions
 
 
-def _write_filtered_shard(url: str, out: str, keep: list[str]) -> None:
+def _write_filtered_shard(url: str, out: str, keep_file: str) -> None:
     """Task: the kept samples of one shard, their members' bytes unchanged, through a rename."""
     path = Path(out) / Path(url).name
-    wanted = set(keep)
+    wanted = set(json.loads(Path(keep_file).read_text()))
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
@@ -75,27 +77,116 @@ def _write_filtered_shard(url: str, out: str, keep: list[str]) -> None:
     write_atomic(path, write)
 
 
-def _classify(decisions: list[dict], threshold: float) -> dict[str, dict]:
-    """Per shard: kept keys and the removed ones, why. Byte duplicates are resolved in shard
-    order, so the first copy stays whatever the number of workers."""
-    first_seen: dict[str, str] = {}
-    result: dict[str, dict] = {}
-    for shard in decisions:
-        entry = {"samples": len(shard["samples"]), "keep": [], "copies": [], "exact_duplicates": [], "corrupt": []}
-        for record in shard["samples"]:
-            where = f"{shard['shard']}:{record['key']}"
+_RECORD = np.dtype([("d0", ">u8"), ("d1", ">u8"), ("d2", ">u8"), ("d3", ">u8"), ("shard", "<u4"), ("sample", "<u4")])
+_DUPLICATE = np.dtype([("shard", "<u4"), ("sample", "<u4"), ("first_shard", "<u4"), ("first_sample", "<u4")])
+BUCKETS = 1024  # digest partitions: ~1M records a bucket at 1B images, a few MB to sort
+SHARD_GROUP = 1024  # duplicates are filed by input shard // SHARD_GROUP
+BUFFER = 65_536  # records held before they are appended to their files
+
+
+class _Appender:
+    """Records of one dtype appended to numbered files under `folder`, `BUFFER` at a time."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, file_of):
+        self.folder, self.dtype, self.file_of = folder, dtype, file_of
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.bin"):
+            stale.unlink()
+        self.buffer, self.size = np.zeros(BUFFER, dtype), 0
+
+    def add(self, rows: np.ndarray) -> None:
+        for start in range(0, len(rows), BUFFER):
+            chunk = rows[start : start + BUFFER]
+            if self.size + len(chunk) > BUFFER:
+                self.flush()
+            self.buffer[self.size : self.size + len(chunk)] = chunk
+            self.size += len(chunk)
+
+    def flush(self) -> None:
+        files = self.file_of(self.buffer[: self.size])
+        order = np.argsort(files, kind="stable")
+        rows, files = self.buffer[: self.size][order], files[order]
+        numbers, starts = np.unique(files, return_index=True)
+        for number, start, end in zip(numbers, starts, [*starts[1:], len(rows)]):
+            with open(self.folder / f"{number:06d}.bin", "ab") as stream:
+                stream.write(rows[start:end].tobytes())
+        self.size = 0
+
+    def read(self, number: int) -> np.ndarray:
+        path = self.folder / f"{number:06d}.bin"
+        return np.fromfile(path, self.dtype) if path.is_file() else np.zeros(0, self.dtype)
+
+
+def _byte_duplicates(decision_files: list[Path], work: Path) -> _Appender:
+    """Find byte duplicates in memory that does not grow with the data: every decodable sample's
+    (SHA-256, shard, sample) goes to one of `BUCKETS` files by its digest; each bucket is sorted
+    alone; every sample after the first (in shard order) of its digest is a duplicate, filed by
+    its shard's group. Returns the duplicates' files."""
+    buckets = _Appender(work / "digests", _RECORD, lambda rows: (rows["d0"] % BUCKETS).astype(np.int64))
+    for shard, path in enumerate(decision_files):
+        samples = json.loads(path.read_text())["samples"]
+        rows = np.zeros(len(samples), _RECORD)
+        digests = np.frombuffer(b"".join(bytes.fromhex(r["sha256"]) for r in samples), ">u8").reshape(-1, 4)
+        for column in range(4):
+            rows[f"d{column}"] = digests[:, column] if len(samples) else 0
+        rows["shard"], rows["sample"] = shard, np.arange(len(samples))
+        buckets.add(rows[[("corrupt" not in r) for r in samples]])
+    buckets.flush()
+    duplicates = _Appender(
+        work / "duplicates", _DUPLICATE, lambda rows: (rows["shard"] // SHARD_GROUP).astype(np.int64)
+    )
+    for bucket in range(BUCKETS):
+        rows = np.sort(buckets.read(bucket), order=["d0", "d1", "d2", "d3", "shard", "sample"])
+        if not len(rows):
+            continue
+        changed = np.zeros(len(rows) - 1, bool)
+        for column in ("d0", "d1", "d2", "d3"):
+            changed |= rows[column][1:] != rows[column][:-1]
+        first = np.r_[True, changed]
+        start = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))[~first]  # each group's first row
+        found = np.zeros(len(start), _DUPLICATE)
+        found["shard"], found["sample"] = rows["shard"][~first], rows["sample"][~first]
+        found["first_shard"], found["first_sample"] = rows["shard"][start], rows["sample"][start]
+        duplicates.add(found)
+    duplicates.flush()
+    return duplicates
+
+
+def classify_decisions(decision_files: list[Path], threshold: float, work: Path) -> Iterator[tuple[str, dict]]:
+    """(shard name, its entry: kept keys and the removed ones, why), one shard at a time in
+    shard order, in memory that does not grow with the number of shards or samples. Byte
+    duplicates are resolved in shard order, so the first copy stays whatever the number of
+    workers; a sample at or above `threshold` is a copy of an evaluation image first."""
+    duplicates = _byte_duplicates(decision_files, work)
+    group, same_as = -1, {}
+
+    @functools.lru_cache(maxsize=8)  # duplicates mostly point to few recent shards
+    def keys_of(shard: int) -> tuple[str, list[str]]:
+        decisions = json.loads(decision_files[shard].read_text())
+        return decisions["shard"], [record["key"] for record in decisions["samples"]]
+
+    def where(shard: int, sample: int) -> str:
+        name, keys = keys_of(shard)
+        return f"{name}:{keys[sample]}"
+
+    for shard, path in enumerate(decision_files):
+        if shard // SHARD_GROUP != group:
+            group = shard // SHARD_GROUP
+            same_as = {}
+            for row in duplicates.read(group):
+                same_as[(int(row["shard"]), int(row["sample"]))] = (int(row["first_shard"]), int(row["first_sample"]))
+        decisions = json.loads(path.read_text())
+        entry = {"samples": len(decisions["samples"]), "keep": [], "copies": [], "exact_duplicates": [], "corrupt": []}
+        for sample, record in enumerate(decisions["samples"]):
             if "corrupt" in record:
                 entry["corrupt"].append({"key": record["key"], "reason": record["corrupt"]})
-                continue
-            if record["score"] >= threshold:
+            elif record["score"] >= threshold:
                 entry["copies"].append({"key": record["key"], "match": record["match"], "score": record["score"]})
-            elif record["sha256"] in first_seen:
-                entry["exact_duplicates"].append({"key": record["key"], "same_as": first_seen[record["sha256"]]})
+            elif (shard, sample) in same_as:
+                entry["exact_duplicates"].append({"key": record["key"], "same_as": where(*same_as[(shard, sample)])})
             else:
                 entry["keep"].append(record["key"])
-            first_seen.setdefault(record["sha256"], where)
-        result[shard["shard"]] = entry
-    return result
+        yield decisions["shard"], entry
 
 
 def _picture(urls: list[str], per_shard: dict[str, dict], index: EvalIndex, path: Path, examples: int = 8) -> None:
@@ -172,10 +263,15 @@ def run_dedup(
             progress.set_postfix(images_per_sec=round(images / max(time.time() - tick, 1e-6)))
     progress.close()
 
-    per_shard = _classify([json.loads(decisions_file[url].read_text()) for url in urls], config.threshold)
+    sizes, per_shard = {}, {}
+    (work / "kept").mkdir(exist_ok=True)
+    for name, entry in classify_decisions([decisions_file[url] for url in urls], config.threshold, work):
+        write_json(work / "kept" / f"{name}.json", entry.pop("keep"))  # one shard's list at a time
+        sizes[name] = entry["samples"] - sum(len(entry[what]) for what in ("copies", "exact_duplicates", "corrupt"))
+        per_shard[name] = entry | {"kept": sizes[name]}  # what was removed, and why
     with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
         jobs = [
-            pool.submit(_write_filtered_shard, url, str(out), per_shard[Path(url).name]["keep"])
+            pool.submit(_write_filtered_shard, url, str(out), str(work / "kept" / f"{Path(url).name}.json"))
             for url in urls
             if not (out / Path(url).name).is_file()
         ]
@@ -183,7 +279,7 @@ def run_dedup(
             cf.as_completed(jobs), total=len(jobs), desc="writing filtered shards", unit=" shards", dynamic_ncols=True
         ):
             job.result()
-    write_json(out / SIZES_FILE, {name: len(entry["keep"]) for name, entry in per_shard.items()})
+    write_json(out / SIZES_FILE, sizes)
     _picture(urls, per_shard, index, out / PICTURE_FILE)
 
     totals = {what: sum(len(e[what]) for e in per_shard.values()) for what in ("copies", "exact_duplicates", "corrupt")}
@@ -194,12 +290,9 @@ def run_dedup(
         "evaluation_images": len(index.keys),
         "evaluation_skipped": [{"key": k, "reason": r} for k, r in eval_skipped],
         "input_samples": sum(e["samples"] for e in per_shard.values()),
-        "kept": sum(len(e["keep"]) for e in per_shard.values()),
+        "kept": sum(sizes.values()),
         "removed": totals,
-        "shards": {
-            name: {k: v for k, v in e.items() if k != "keep"} | {"kept": len(e["keep"])}
-            for name, e in per_shard.items()
-        },
+        "shards": per_shard,
         "picture": str(out / PICTURE_FILE),
         "seconds": round(time.time() - started, 1),
     }

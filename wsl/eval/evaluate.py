@@ -45,6 +45,9 @@ class EvalDataConfig:
 @dataclass
 class FeaturesSection:
     dtype: str = option("float16", "stored feature type", choices=("float16", "float32"))
+    precision: str = option(
+        "float32", "the forward pass's type (bfloat16: autocast, faster on a GPU)", choices=("float32", "bfloat16")
+    )
     unit_size: int = option(1024, "images a part (folders): the unit of resuming", minimum=1)
 
 
@@ -122,6 +125,7 @@ def evaluate_backbone(name: str, weights: str | None, config: Config) -> dict:
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         dtype=config.features.dtype,
+        precision=config.features.precision,
         unit_size=config.features.unit_size,
         seed=config.seed,
     )
@@ -185,15 +189,16 @@ def evaluate_backbone(name: str, weights: str | None, config: Config) -> dict:
     }
 
 
-def _augmented_probe(name: str, weights: str | None, config: Config) -> dict:
-    """The classifier of the frozen network trained with augmentation (a `wsl finetune` run on
-    one device: a multi-device launcher would re-run the whole `wsl eval` in each process)."""
+def augmented_probe_config(name: str, weights: str | None, config: Config):
+    """The `wsl finetune` config of the augmented probe: the frozen network's classifier trained
+    with augmentation (torchvision's SWAG recipe), on one device: a multi-device launcher would
+    re-run the whole `wsl eval` command in every extra process."""
     from wsl.train.finetune import Config as FinetuneConfig
-    from wsl.train.finetune import FinetuneDataConfig, FinetuneOptimConfig, run_finetuning
+    from wsl.train.finetune import FinetuneDataConfig, FinetuneOptimConfig
     from wsl.train.runner import TrainerConfig
 
     data, linear = config.data, config.linear
-    probe = FinetuneConfig(
+    return FinetuneConfig(
         run_dir=str(Path(config.run_dir) / f"probe-{name}"),
         model=config.model,
         weights=weights,
@@ -213,9 +218,15 @@ def _augmented_probe(name: str, weights: str | None, config: Config) -> dict:
         optim=FinetuneOptimConfig(
             base_lr=linear.augmented_lr * 256 / data.batch_size, nesterov=True, weight_decay=0.0, schedule="cosine"
         ),
-        trainer=TrainerConfig(devices=1),
+        trainer=TrainerConfig(devices=1, strategy="auto", num_nodes=1),
         wandb=config.wandb,
     )
+
+
+def _augmented_probe(name: str, weights: str | None, config: Config) -> dict:
+    from wsl.train.finetune import run_finetuning
+
+    probe = augmented_probe_config(name, weights, config)
     metrics = run_finetuning(probe)["metrics"]
     return {"top1": metrics["val/top1"], "top5": metrics["val/top5"], "run_dir": probe.run_dir}
 

@@ -98,8 +98,11 @@ def knn_classify(
         raise WslError(f"every k in {list(ks)} is more than the {len(database)} train features")
     similarities, ids = search(database, queries, max(usable), **search_options)
     results = {}
+    found = ids >= 0  # IVF returns id -1 when the probed lists hold fewer than k vectors: no vote
+    similarities = np.where(found, similarities, -np.inf)  # exp(-inf / T) = 0
+    labels = train_labels[np.where(found, ids, 0)]
     for k in usable:
-        scores = weighted_vote(similarities[:, :k], train_labels[ids[:, :k]], num_classes, temperature)
+        scores = weighted_vote(similarities[:, :k], labels[:, :k], num_classes, temperature)
         results[k] = {
             "top1": topk_accuracy(scores, val_labels, 1),
             "top5": topk_accuracy(scores, val_labels, min(5, num_classes)),

@@ -26,6 +26,25 @@ from wsl.models import STAGE_BLOCKS
 HEAD_PREFIX = "fc."
 _KEY_PREFIXES = ("net.", "module.", "model.", "_orig_mod.")
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z]+$")  # torch.hub's convention, at least 8 digits
+# Facebook's WSL-Images files (CC-BY-NC 4.0), by width; torch.hub keeps them in its checkpoints folder.
+WSL_IMAGES = {
+    8: "ig_resnext101_32x8-c38310e5.pth",
+    16: "ig_resnext101_32x16-c6f796b0.pth",
+    32: "ig_resnext101_32x32-e4b90b00.pth",
+    48: "ig_resnext101_32x48-3e41cc8a.pth",
+}
+# Published files whose names carry their SHA-256 prefix: always checked. Any other name is
+# checked only when asked (`check_hash`, as torch.hub's): `model-20240101.pth` is a user's name.
+PUBLISHED_WEIGHTS = frozenset(
+    [
+        *WSL_IMAGES.values(),
+        "resnext50_32x4d-7cdf4587.pth",  # torchvision's ResNeXt weights (V1, V2)
+        "resnext50_32x4d-1a0047aa.pth",
+        "resnext101_32x8d-8ba56ff5.pth",
+        "resnext101_32x8d-110c445d.pth",
+        "resnext101_64x4d-173b62eb.pth",
+    ]
+)
 
 
 def _torch_version() -> tuple[int, int]:
@@ -41,10 +60,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_name_hash(path: Path) -> None:
-    """A name `...-<hex prefix>.<ext>` must match the file's SHA-256 (a truncated or swapped file does not)."""
+def _listed_in_release(path: Path) -> bool:
+    """A file of a `wsl export` release folder (named in the metadata.json beside it)."""
+    metadata = path.parent / "metadata.json"
+    return metadata.is_file() and f'"{path.name}"' in metadata.read_text()
+
+
+def check_name_hash(path: Path, check_hash: bool = False) -> None:
+    """A name `...-<hex prefix>.<ext>` must match the file's SHA-256 (a truncated or swapped file
+    does not): always for the published files and our release folders' files, for any other
+    name only with `check_hash`."""
     match = _HASH_IN_NAME.search(path.name)
-    if match and not file_sha256(path).startswith(match.group(1)):
+    if not match or not (check_hash or path.name in PUBLISHED_WEIGHTS or _listed_in_release(path)):
+        return
+    if not file_sha256(path).startswith(match.group(1)):
         raise WslError(
             f"{path}: SHA-256 does not start with {match.group(1)} as its name says: "
             "the file is truncated, corrupt or not the released one"
@@ -73,13 +102,14 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dict]:
+def read_checkpoint(path: str | Path, check_hash: bool = False) -> tuple[dict[str, torch.Tensor], str, dict]:
     """(state dict with torchvision's key names, kind of file, the Lightning checkpoint's
-    hyper-parameters or {}) of a weights file, never running code."""
+    hyper-parameters or {}) of a weights file, never running code. `check_hash`: check the
+    hash prefix of any name (see `check_name_hash`)."""
     path = Path(path)
     if not path.is_file():
         raise WslError(f"weights file not found: {path}")
-    check_name_hash(path)
+    check_name_hash(path, check_hash)
     hyper_parameters: dict = {}
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -108,9 +138,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, dic
     return {_strip_prefixes(k): v for k, v in state.items()}, kind, hyper_parameters
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_dict(path: str | Path, check_hash: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict with torchvision's key names, kind of file) of a weights file, never running code."""
-    state, kind, _ = read_checkpoint(path)
+    state, kind, _ = read_checkpoint(path, check_hash)
     return state, kind
 
 
@@ -126,7 +156,9 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> str | None:
     return f"resnext{depth}_{groups}x{width}d" if depth else f"ResNeXt with blocks {blocks}, {groups}x{width}d"
 
 
-def load_weights(net: torch.nn.Module, path: str | Path, model_name: str, head: str = "new") -> str:
+def load_weights(
+    net: torch.nn.Module, path: str | Path, model_name: str, head: str = "new", check_hash: bool = False
+) -> str:
     """Load a weights file into `net` (built by `wsl.models.build_model(model_name, ...)`).
 
     head="new": the checkpoint's classifier (hashtag or ImageNet head) is dropped and `net`'s
@@ -137,7 +169,7 @@ def load_weights(net: torch.nn.Module, path: str | Path, model_name: str, head: 
     if head not in ("new", "keep"):
         raise WslError(f"head must be 'new' or 'keep', not '{head}'")
     path = Path(path)
-    state, kind = read_state_dict(path)
+    state, kind = read_state_dict(path, check_hash)
     expected = net.state_dict()
     held = infer_architecture(state) or "not a torchvision ResNet(X)"
     required = [k for k in expected if not k.startswith(HEAD_PREFIX) and not k.endswith("num_batches_tracked")]

@@ -24,16 +24,9 @@ from wsl.config import REQUIRED, option, require_file
 from wsl.errors import WslError
 from wsl.files import write_atomic, write_json
 from wsl.models import ResNeXt, build_model, parse_model_name
-from wsl.release.checkpoints import file_sha256, infer_architecture, load_weights, read_checkpoint
+from wsl.release.checkpoints import WSL_IMAGES, file_sha256, infer_architecture, load_weights, read_checkpoint
 
 FORMAT = "wsl-release-1"
-# Facebook's WSL-Images files (CC-BY-NC 4.0), by width; torch.hub keeps them in its checkpoints folder.
-WSL_IMAGES = {
-    8: "ig_resnext101_32x8-c38310e5.pth",
-    16: "ig_resnext101_32x16-c6f796b0.pth",
-    32: "ig_resnext101_32x32-e4b90b00.pth",
-    48: "ig_resnext101_32x48-3e41cc8a.pth",
-}
 WSL_IMAGES_URL = "https://download.pytorch.org/models/"
 
 
@@ -222,14 +215,17 @@ def wsl_images_file(width: int, weights: str | Path | None = None) -> Path:
     return path
 
 
-def load_backbone(name_or_path: str | Path, num_classes: int | None = None, head: str = "auto") -> ResNeXt:
+def load_backbone(
+    name_or_path: str | Path, num_classes: int | None = None, head: str = "auto", check_hash: bool = False
+) -> ResNeXt:
     """A released backbone in one line, in eval mode, with `forward_features` (pooled 2048-d).
 
     `name_or_path`: a release folder (from `wsl export`), a weights file (`.pth`, `.ckpt`,
     `.safetensors`: ours, WSL-Images, torchvision, timm), or `resnext101_32x{8,16,32,48}d_wsl`
     for Facebook's files in the torch.hub checkpoints folder. head: "keep" the checkpoint's
     classifier, "new" (a fresh one of `num_classes`), or "auto": keep it unless `num_classes`
-    asks for another size.
+    asks for another size. The hash prefix in a file's name is checked for the published
+    WSL-Images / torchvision files and release folders' files, and for any name with `check_hash`.
     """
     name = str(name_or_path)
     if name.endswith("_wsl") and name.startswith("resnext101_32x") and not Path(name).exists():
@@ -248,7 +244,7 @@ def load_backbone(name_or_path: str | Path, num_classes: int | None = None, head
         model, checkpoint_classes = metadata["architecture"], metadata["head"]["num_classes"]
     else:
         weights = path
-        state, _, hparams = read_checkpoint(path)
+        state, _, hparams = read_checkpoint(path, check_hash)
         model = hparams.get("model") or infer_architecture(state)
         if model is None or not model.startswith("resnext"):
             raise WslError(f"{path}: not a torchvision ResNet(X) state dict")
@@ -258,7 +254,7 @@ def load_backbone(name_or_path: str | Path, num_classes: int | None = None, head
     if head == "new" and num_classes is None:
         raise WslError("head='new' needs num_classes")
     net = build_model(model, num_classes if head == "new" else checkpoint_classes)
-    load_weights(net, weights, model, head=head)
+    load_weights(net, weights, model, head=head, check_hash=check_hash)
     return net.eval()
 
 

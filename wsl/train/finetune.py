@@ -29,6 +29,7 @@ from wsl.data.shards import expand_shard_spec
 from wsl.data.stream import TrainDataConfig, TrainLoader, crop_scale_problem
 from wsl.data.transforms import EvalTransform, TrainTransform
 from wsl.errors import WslError
+from wsl.eval.accounting import copied_evaluation_keys, real_label_set, real_labels
 from wsl.models import model_name_problem
 from wsl.release.checkpoints import load_weights
 from wsl.train.module import NetworkModule, StreamDataModule, TrainingMonitor
@@ -83,6 +84,12 @@ class Config:
         ".ckpt (wsl pretrain/finetune), .pth (WSL-Images, torchvision), .safetensors "
         "(timm, exported); null: random initialisation",
     )
+    dedup_reports: list[str] = option(
+        [], "`wsl dedup` reports: val images found copied in pretraining count as errors (val/top1_lower_bound)"
+    )
+    check_hash: bool = option(
+        False, "check the hash prefix of any weights file name (the published WSL-Images/torchvision ones always are)"
+    )
     head: str = option(
         "new", "new: a fresh classifier for the data's classes; keep: the checkpoint's", choices=("new", "keep")
     )
@@ -131,6 +138,12 @@ class ImageClassifier(NetworkModule):
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.val_images = SumMetric()
+        # Lower-bound accuracy (the paper's: images copied in the pretraining data count as errors) and ReaL.
+        self.copied_keys: set[str] = set()
+        self.real: list[list[int]] | None = None
+        self.val_counts = torch.nn.ModuleDict(
+            {name: SumMetric() for name in ("lower_bound_correct", "copied", "real_correct", "real_images")}
+        )
         self.skipped_images = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -155,13 +168,31 @@ class ImageClassifier(NetworkModule):
         self.val_top1.update(logits, batch["target"])
         self.val_top5.update(logits, batch["target"])
         self.val_images.update(torch.tensor(float(len(batch["target"]))))
+        correct = (logits.argmax(1) == batch["target"]).cpu()
+        copied = torch.tensor([key in self.copied_keys for key in batch["key"]], dtype=torch.bool)
+        self.val_counts["lower_bound_correct"].update((correct & ~copied).sum().float())
+        self.val_counts["copied"].update(copied.sum().float())
+        if self.real is not None:
+            labels = [real_label_set(self.real, key) for key in batch["key"]]
+            predicted = logits.argmax(1).tolist()
+            scored = [(p, r) for p, r in zip(predicted, labels) if r]  # an empty ReaL set is left out
+            self.val_counts["real_correct"].update(torch.tensor(float(sum(p in r for p, r in scored))))
+            self.val_counts["real_images"].update(torch.tensor(float(len(scored))))
 
     def on_validation_epoch_end(self) -> None:
         # compute() sums the states over ranks; each image was seen by exactly one rank.
         self.log("val/top1", self.val_top1.compute())
         self.log("val/top5", self.val_top5.compute())
-        self.log("val/images", self.val_images.compute())
-        for metric in (self.val_top1, self.val_top5, self.val_images):
+        images = self.val_images.compute()
+        self.log("val/images", images)
+        counts = {name: metric.compute() for name, metric in self.val_counts.items()}
+        if self.copied_keys:
+            self.log("val/top1_lower_bound", counts["lower_bound_correct"] / images.clamp(min=1))
+            self.log("val/copied_in_pretraining", counts["copied"])
+        if self.real is not None and counts["real_images"] > 0:
+            self.log("val/real_top1", counts["real_correct"] / counts["real_images"])
+            self.log("val/real_images", counts["real_images"])
+        for metric in (self.val_top1, self.val_top5, self.val_images, *self.val_counts.values()):
             metric.reset()
 
     def configure_optimizers(self):
@@ -262,6 +293,8 @@ def _check_inputs(config: Config, train: bool) -> None:
         require_file(config.data.val_labels, "data.val_labels", "labels file")
     if config.weights:
         require_file(config.weights, "weights", "weights file")
+    for index, report in enumerate(config.dedup_reports):
+        require_file(report, f"dedup_reports[{index}]", "dedup report")
 
 
 def run_finetuning(config: Config, callbacks: list[pl.Callback] | None = None) -> dict:
@@ -286,10 +319,11 @@ def run_finetuning(config: Config, callbacks: list[pl.Callback] | None = None) -
         config.freeze_backbone,
         logged,
     )
+    _account_for(module, config, datamodule.classes)
     if resume_checkpoint(run_dir) is not None:
         start = "resumed (weights from the run's checkpoint)"
     elif config.weights:
-        start = load_weights(module.net, config.weights, config.model, head=config.head)
+        start = load_weights(module.net, config.weights, config.model, head=config.head, check_hash=config.check_hash)
     else:
         start = "random initialisation"
     rank_zero_only(print)(f"start: {start}")
@@ -335,16 +369,33 @@ def run_validation(config: Config) -> dict:
         False,
         datamodule.classes,
     )
-    start = load_weights(module.net, config.weights, config.model, head="keep")
+    _account_for(module, config, datamodule.classes)
+    start = load_weights(module.net, config.weights, config.model, head="keep", check_hash=config.check_hash)
     rank_zero_only(print)(f"weights: {start}")
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, **trainer_args)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "start": start}
 
 
+def _account_for(module: ImageClassifier, config: Config, classes: list[str] | None) -> None:
+    """Give the validation what it must account for: copies found by dedup, ImageNet's ReaL labels."""
+    module.copied_keys = copied_evaluation_keys(config.dedup_reports)
+    module.real = real_labels(classes)
+
+
 def _accuracy(metrics: dict) -> str:
+    extra = ""
+    if "val/top1_lower_bound" in metrics:
+        extra += (
+            f"  lower-bound top-1 {100 * metrics['val/top1_lower_bound']:.2f} "
+            f"({metrics['val/copied_in_pretraining']:.0f} copied in pretraining count as errors)"
+        )
+    if "val/real_top1" in metrics:
+        extra += (
+            f"  ReaL top-1 {100 * metrics['val/real_top1']:.2f} ({metrics['val/real_images']:.0f} with ReaL labels)"
+        )
     return (
-        f"val top-1 {100 * metrics['val/top1']:.2f}  top-5 {100 * metrics['val/top5']:.2f}  "
+        f"val top-1 {100 * metrics['val/top1']:.2f}  top-5 {100 * metrics['val/top5']:.2f}{extra}  "
         f"({metrics['val/images']:.0f} images"
     )
 

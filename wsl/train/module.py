@@ -15,8 +15,10 @@ from wsl.models import build_model
 class NetworkModule(pl.LightningModule):
     """A registry network (`self.net`, torchvision's keys) with the speed switches both stages use."""
 
-    def build_network(self, model: str, num_classes: int, channels_last: bool, compile: bool) -> None:
-        self.net = build_model(model, num_classes)
+    def build_network(
+        self, model: str, num_classes: int, channels_last: bool, compile: bool, zero_init_residual: bool = False
+    ) -> None:
+        self.net = build_model(model, num_classes, zero_init_residual=zero_init_residual)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.channels_last = channels_last

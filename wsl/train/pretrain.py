@@ -30,7 +30,15 @@ from wsl.data.vocab import Vocabulary
 from wsl.models import model_name_problem
 from wsl.train.module import NetworkModule, StreamDataModule, TrainingMonitor
 from wsl.train.optim import OptimConfig, configure_sgd
-from wsl.train.runner import TrainerConfig, fit_and_report, make_trainer, resolve_hardware, run_summary, start_run
+from wsl.train.runner import (
+    CheckpointRetention,
+    TrainerConfig,
+    fit_and_report,
+    make_trainer,
+    resolve_hardware,
+    run_summary,
+    start_run,
+)
 
 
 @dataclass
@@ -55,11 +63,18 @@ class Config:
     max_steps: int = option(1000, "optimizer steps of the whole run", minimum=1)
     val_every_steps: int = option(500, "steps between held-out validations", minimum=1)
     checkpoint_every_steps: int = option(500, "steps between checkpoints", minimum=1)
+    keep_last_checkpoints: int = option(2, "step checkpoints kept: the newest this many ...", minimum=1)
+    keep_checkpoint_every_steps: int | None = option(
+        50_000, "... and those of every this-many-th step (null: no others); last.ckpt is always kept", minimum=1
+    )
     seed: int = option(0, "seed of the initialisation")
     channels_last: str | bool = option(
         "auto", "NHWC memory layout: auto (on with a GPU), true or false", choices=("auto", True, False)
     )
     compile: bool = option(False, "torch.compile the network (minutes of compile time; pays off on long GPU runs)")
+    zero_init_residual: bool = option(
+        True, "the last batch-norm gamma of every residual block starts at zero (Goyal et al.; the paper's recipe)"
+    )
     restart: bool = option(False, "set an existing run in run_dir aside (renamed RUN_DIR.N) and start over")
     stop_after_step: int | None = option(
         None,
@@ -92,11 +107,13 @@ class HashtagPretraining(NetworkModule):
         vocab_sha256: str = "",
         compile: bool = False,
         config: dict | None = None,
+        zero_init_residual: bool = False,
+        most_frequent_class: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()  # `config`: the whole run config, kept in every checkpoint and release
         self.optim = OptimConfig(**(optim or {}))
-        self.build_network(model, num_classes, channels_last, compile)
+        self.build_network(model, num_classes, channels_last, compile, zero_init_residual)
         self.val_precision = torch.nn.ModuleDict({k: MeanMetric() for k in ("p1", "p5", "most_frequent_p1")})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -112,8 +129,8 @@ class HashtagPretraining(NetworkModule):
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         self.val_precision["p1"].update(positive.gather(1, top5[:, :1]).float().mean(1))
         self.val_precision["p5"].update(positive.gather(1, top5).float().mean(1))
-        # The baseline: always predict the most frequent hashtag (class 0 of the vocabulary).
-        self.val_precision["most_frequent_p1"].update(positive[:, 0].float())
+        # The baseline: always predict the most frequent class (not class 0: synset vocabularies are in wnid order).
+        self.val_precision["most_frequent_p1"].update(positive[:, self.hparams.most_frequent_class].float())
 
     def on_validation_epoch_end(self) -> None:
         names = {"p1": "val/precision@1", "p5": "val/precision@5", "most_frequent_p1": "val/precision@1_most_frequent"}
@@ -207,6 +224,8 @@ def run_pretraining(config: Config, callbacks: list[pl.Callback] | None = None) 
         vocab.sha256,
         config.compile,
         logged,
+        config.zero_init_residual,
+        int(vocab.counts.argmax()),
     )
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -216,7 +235,10 @@ def run_pretraining(config: Config, callbacks: list[pl.Callback] | None = None) 
         save_top_k=-1,
         save_last=True,
     )
-    extra = [StopAfterStep(config.stop_after_step)] if config.stop_after_step else []
+    retention = CheckpointRetention(
+        run_dir / "checkpoints", config.keep_last_checkpoints, config.keep_checkpoint_every_steps
+    )
+    extra = [retention, *([StopAfterStep(config.stop_after_step)] if config.stop_after_step else [])]
     trainer = make_trainer(
         run_dir,
         config.wandb,

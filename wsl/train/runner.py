@@ -7,6 +7,7 @@ It knows no stage: `wsl.train.pretrain` and `wsl.train.finetune` call it.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from wsl.config import WandbConfig, check_same_run, option, set_aside, to_dict
@@ -40,6 +41,8 @@ MAY_CHANGE_ON_RESUME = (
     "val_every_epochs",
     "checkpoint_every_steps",
     "stop_after_step",
+    "dedup_reports",
+    "check_hash",
 )
 
 
@@ -70,6 +73,34 @@ def start_run(run_dir: Path, config: Any, command: str, restart: bool) -> None:
         if moved:
             print(f"restart: the previous run in {run_dir} is now {moved}")
     check_same_run(run_dir, config, MAY_CHANGE_ON_RESUME, command)
+
+
+class CheckpointRetention(Checkpoint):
+    """Keep the newest `keep_last` step checkpoints (`step{N}.ckpt`) and those of every
+    `keep_every`-th step; delete the others as new ones are written (global rank 0). A 32x48d
+    checkpoint with SGD momentum is ~6.6 GB: keeping every one of a 246k-step run would fill
+    ~800 GB. A `Checkpoint` callback, so Lightning runs it after the ModelCheckpoint before it."""
+
+    def __init__(self, folder: Path, keep_last: int, keep_every: int | None):
+        self.folder, self.keep_last, self.keep_every = folder, keep_last, keep_every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank != 0:
+            return
+        steps = sorted((int(m.group(1)), p) for p in self.folder.glob("step*.ckpt") if (m := _STEP.fullmatch(p.name)))
+        for index, (step, path) in enumerate(steps):
+            newest = index >= len(steps) - self.keep_last
+            if not newest and not (self.keep_every and step % self.keep_every == 0):
+                path.unlink(missing_ok=True)
+
+
+_STEP = re.compile(r"step(\d+)\.ckpt")
+
+
+def checkpoint_disk_use(run_dir: Path) -> tuple[int, float]:
+    """(files, GB) under run_dir/checkpoints."""
+    files = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files) / 1e9
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
@@ -150,6 +181,7 @@ def fit_and_report(
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "metrics": metrics,
         "wandb_dir": str(max(run_dir.glob("wandb/offline-run-*"), default="")),  # names sort by start time
+        "checkpoints": dict(zip(("files", "gigabytes"), checkpoint_disk_use(run_dir))),
         **(extra or {}),
     }
     if trainer.global_rank == 0:
@@ -165,6 +197,8 @@ def run_summary(result: dict, headline: str | None) -> str:
         return ""
     lines = [headline] if headline else []
     lines.append(f"optimizer steps: {result['global_step']}; checkpoint: {result['checkpoint']}")
+    disk = result["checkpoints"]
+    lines.append(f"checkpoints kept: {disk['files']} files, {disk['gigabytes']:.2f} GB")
     if result["wandb_dir"]:
         lines.append(f"W&B offline run: {result['wandb_dir']}  (upload with `wandb sync {result['wandb_dir']}`)")
     return "\n".join(lines)
