@@ -144,6 +144,26 @@ def _tiny_overrides(demo, run_dir, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+def test_only_the_newest_and_every_mth_step_checkpoints_are_kept_and_the_disk_use_is_reported(demo, tmp_path):
+    overrides = _tiny_overrides(
+        demo,
+        tmp_path / "run",
+        "max_steps=9",
+        "checkpoint_every_steps=1",
+        "val_every_steps=1000",
+        "keep_last_checkpoints=2",
+        "keep_checkpoint_every_steps=4",
+    )
+    result = run_pretraining(load(Config, ["configs/pretrain/demo.yaml"], overrides))
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert kept == ["last.ckpt", "step0000004.ckpt", "step0000008.ckpt", "step0000009.ckpt"]
+    assert result["checkpoints"]["files"] == 4 and result["checkpoints"]["gigabytes"] > 0
+    paper = load(Config, ["configs/pretrain/ig_resnext101_32x48d.yaml"])
+    every = paper.keep_checkpoint_every_steps
+    assert paper.max_steps // every + paper.keep_last_checkpoints + 1 <= 10, "a paper-scale run keeps under ~10 files"
+
+
+@pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_to_the_same_number_of_optimizer_steps(demo, tmp_path):
     def command(run_dir):
         return [
