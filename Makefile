@@ -13,6 +13,9 @@ DEDUP       := $(DATA)/shards/demo-dedup
 DEMO_IMAGES ?= 20000
 WORKERS     ?= $(shell nproc)
 PYTEST_ARGS ?=
+# The suite runs in parallel (pytest-xdist: a process a core, at most 4; idle workers steal
+# queued tests). `make test PYTEST_PARALLEL=` runs it in one process.
+PYTEST_PARALLEL ?= -n auto --maxprocesses 4 --dist worksteal
 CONFIG      ?= configs/pretrain/demo.yaml
 ARGS        ?=
 FINETUNE_CONFIG ?= configs/finetune/demo.yaml
@@ -27,7 +30,7 @@ PRETRAIN_ARGS   ?=
 WEIGHTS          = $(PRETRAIN_RUN)/checkpoints/last.ckpt
 
 .PHONY: help install lint test test-fast demo-data shards vocab dedup pretrain finetune eval release all \
-	bench-data bench-knn bench-dedup bench-dedup-memory bench-probe bench-eval-reader clean
+	bench-data bench-knn bench-dedup bench-dedup-memory bench-probe bench-eval-reader bench-train clean
 
 help:
 	@echo "make pretrain    pretrain on the embedded demo data (CONFIG=..., ARGS=\"key=value ...\")"
@@ -45,6 +48,7 @@ help:
 	@echo "make bench-dedup-memory  the dedup decision step's peak memory at 100k and 1M samples"
 	@echo "make bench-probe the linear probe's time per epoch and memory up to 1.28M x 2048 features"
 	@echo "make bench-eval-reader  samples the evaluation reader reads, 3,360 slots on 20 shards"
+	@echo "make bench-train one training step's images/s: eager, channels_last, torch.compile (BENCH_TRAIN_ARGS=...)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,10 +62,10 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
 demo-data: install
 	$(BIN)/wsl demo-data out=$(DEMO) num_images=$(DEMO_IMAGES) workers=$(WORKERS)
@@ -127,6 +131,11 @@ all: install dedup
 
 bench-data: install
 	$(BIN)/python pipelines/bench/data.py --out bench/data
+
+# On a GPU: make bench-train BENCH_TRAIN_ARGS="--model resnext101_32x8d --image-size 224 --batch-size 128"
+BENCH_TRAIN_ARGS ?=
+bench-train: install
+	$(BIN)/python pipelines/bench/train.py $(BENCH_TRAIN_ARGS)
 
 bench-knn: install
 	$(BIN)/python pipelines/bench/knn.py

@@ -18,8 +18,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 
 from wsl.config import load
+from wsl.data.demo import planted_duplicates
 from wsl.data.transforms import EvalTransform
+from wsl.dedup.run import REPORT_FILE, run_dedup
 from wsl.errors import WslError
+from wsl.eval.accounting import Accounting
 from wsl.eval.evaluate import Config as EvalConfig
 from wsl.eval.evaluate import augmented_probe_config, run_eval
 from wsl.eval.features import extract_features, frozen_backbone, load_features
@@ -285,3 +288,66 @@ def test_the_augmented_probe_runs_on_one_device_whatever_the_host_has():
     probe = augmented_probe_config("hashtag-pretrained", "x.ckpt", config)
     assert probe.trainer.devices == 1 and probe.trainer.num_nodes == 1 and probe.freeze_backbone
     assert probe.data.train == config.data.train and probe.run_dir.endswith("probe-hashtag-pretrained")
+
+
+@pytest.mark.slow
+def test_eval_counts_val_images_that_dedup_found_copied_in_pretraining_as_errors(tmp_path):
+    planted_duplicates(tmp_path / "data", num_eval=20, copies_per_image=1, num_others=40, shard_size=30)
+    originals = tmp_path / "data" / "eval"
+    report = run_dedup(str(tmp_path / "data" / "shards"), [str(originals)], tmp_path / "dedup", workers=2)
+    found = {c["match"].split("/", 1)[1] for shard in report["shards"].values() for c in shard["copies"]}
+    assert len(found) >= 15, f"dedup found {len(found)} of the 20 planted copies"
+    val = tmp_path / "val"  # the 20 originals, and 10 byte-equal images under new names that no report names
+    shutil.copytree(originals, val)
+    for path in sorted(originals.glob("*/*.JPEG"))[:10]:
+        shutil.copy(path, val / path.parent.name / f"fresh_{path.name}")
+    config = load(
+        EvalConfig,
+        [],
+        [
+            f"run_dir={tmp_path / 'eval'}",
+            "model=resnext14_8x4d",
+            "backbones={random-init: null}",
+            f"dedup_reports=[{tmp_path / 'dedup' / REPORT_FILE}]",
+            f"data.train={originals}",
+            f"data.val={val}",
+            "data.image_size=32",
+            "data.resize=36",
+            "data.num_workers=0",
+            "knn.k=[1]",
+            "linear.epochs=3",
+            "wandb.mode=disabled",
+        ],
+    )
+    report = run_eval(config)
+    result = report["results"]["random-init"]
+    knn, linear = result["knn"]["1"], result["linear"]
+    assert knn["top1"] == 1.0  # every val image is, or equals, a train image: its own nearest neighbour
+    assert knn["copied_in_pretraining"] == linear["copied_in_pretraining"] == len(found)
+    assert knn["top1_lower_bound"] == pytest.approx((30 - len(found)) / 30)
+    assert linear["top1_lower_bound"] <= min(linear["top1"], (30 - len(found)) / 30)
+    assert f"random-init: lower-bound top-1 kNN k=1 {100 * (30 - len(found)) / 30:.1f}" in report["table"]
+    assert "real_top1" not in knn  # the demo's classes are not ImageNet's
+
+
+def test_accounting_leaves_out_val_images_without_real_labels_and_counts_reported_copies_wrong(tmp_path):
+    from importlib.resources import files
+
+    from timm.data import ImageNetInfo
+
+    real = json.loads((files("timm.data") / "_info" / "imagenet_real_labels.json").read_text())
+    labelled = [n for n in range(1, 50) if real[n - 1]][:3]
+    empty = next(n for n in range(1, len(real) + 1) if not real[n - 1])  # a val image ReaL leaves out
+    numbers = [*labelled, empty]
+    keys = [f"n0/ILSVRC2012_val_{n:08d}" for n in numbers]
+    first, second, third = (real[n - 1] for n in labelled)
+    predicted = [first[0], (second[0] + 1) % 1000, third[0], 5]  # ReaL: the first and third right
+    labels = [predicted[0], predicted[1], (predicted[2] + 1) % 1000, 5]  # plain top-1: the first, second, last right
+    report = tmp_path / "dedup_report.json"
+    report.write_text(json.dumps({"shards": {"a.tar": {"copies": [{"key": "k", "match": f"val/{keys[0]}"}]}}}))
+    accounting = Accounting([str(report)], ImageNetInfo("imagenet-1k").label_names())
+    rates = accounting(predicted, labels, keys)
+    expected_real = sum(p in real[n - 1] for p, n in zip(predicted, labelled)) / 3  # the image ReaL leaves out: not
+    assert rates["real_images"] == 3 and rates["real_top1"] == pytest.approx(expected_real)
+    assert rates["copied_in_pretraining"] == 1 and rates["top1_lower_bound"] == pytest.approx(2 / 4)
+    assert Accounting([], [f"c{i}" for i in range(1000)])(predicted, labels, keys) == {}  # not ImageNet, no reports

@@ -115,6 +115,9 @@ def test_a_tiny_pretraining_run_logs_to_csv_and_wandb_offline_and_resumes(demo, 
     with open(run / "metrics.csv") as rows:
         logged = list(csv.DictReader(rows))
     assert any(row.get("train/loss") for row in logged) and any(row.get("val/precision@1") for row in logged)
+    stored = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    prepared = stored["hyper_parameters"]["shards_prepared"]  # how the shards were written goes with the run
+    assert prepared == {str(demo["shards"]): {"mode": "none"}}
     resumed = run_pretraining(load(Config, ["configs/pretrain/demo.yaml"], [*overrides, "max_steps=6"]))
     assert resumed["global_step"] == 6
     assert resumed["wandb_dir"] == str(max(run.glob("wandb/offline-run-*")))  # the resumed run's own files
@@ -276,3 +279,20 @@ def test_unknown_data_or_optim_keys_are_named_and_a_config_needs_shards_and_voca
         load(Config, [], ["optim.lr=0.1"])
     with pytest.raises(WslError, match="config key 'data.shards' is required"):
         load(Config, [], [])
+
+
+def test_the_training_step_benchmark_reports_each_mode_against_a_matrix_product_measured_in_the_same_run():
+    script = Path(__file__).parent.parent / "pipelines" / "bench" / "train.py"
+    args = ["--image-size", "32", "--batch-size", "2", "--classes", "10", "--steps", "2", "--warmup", "1"]
+    result = subprocess.run(
+        [sys.executable, str(script), *args, "--modes", "eager,channels_last"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[0] in ("eager", "channels_last")}
+    assert set(rows) == {"eager", "channels_last"} and all(float(row[1]) > 0 for row in rows.values())
+    assert re.fullmatch(
+        r"best \((eager|channels_last)\): \d+\.\d% of the matrix-product rate; \d+\.\d\dx eager", lines[-1]
+    )
+    bad = subprocess.run([sys.executable, str(script), "--model", "resnet50"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--model: a registry model name" in bad.stderr

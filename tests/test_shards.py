@@ -1,11 +1,21 @@
+import io
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import hashtag_shards, jpeg_bytes, write_tar
+from PIL import Image
 
-from wsl.data.shards import expand_shard_spec, read_input_shards, read_jsonl, write_shards
+from wsl.data.shards import (
+    ResizeConfig,
+    expand_shard_spec,
+    read_input_shards,
+    read_jsonl,
+    read_shard_samples,
+    shard_preparation,
+    write_shards,
+)
 from wsl.errors import WslError
 
 
@@ -61,6 +71,30 @@ def test_writing_the_same_input_twice_gives_byte_identical_shards(tmp_path):
     assert [p.name for p in one] == ["x-000000.tar", "x-000001.tar", "x-000002.tar"]
     assert all(p.read_bytes() == (tmp_path / "two" / p.name).read_bytes() for p in one)
     assert not list((tmp_path / "one").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("mode", ["shorter", "longer"])
+def test_resized_shards_keep_the_aspect_never_upscale_and_record_the_resize(tmp_path, mode):
+    sizes = [(96, 64), (40, 120), (30, 20)]  # the last is smaller than the target: stored as it was
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, (width, height) in enumerate(sizes):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg_bytes(width, height, seed=i))
+        lines.append(json.dumps({"path": f"img/{i}.jpg", "hashtags": ["cat"]}))
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    resize = ResizeConfig(mode=mode, size=32, quality=85)
+    for out, workers in (("one", 1), ("two", 2)):
+        write_shards(read_jsonl(tmp_path / "a.jsonl")[0], tmp_path / out, shard_size=2, workers=workers, resize=resize)
+    stored = {s["__key__"]: s["jpg"] for s in read_shard_samples(expand_shard_spec(tmp_path / "one"))}
+    got = [Image.open(io.BytesIO(stored[f"{i + 1:09d}"])).size for i in range(3)]
+    expected = {"shorter": [(48, 32), (32, 96), (30, 20)], "longer": [(32, 21), (11, 32), (30, 20)]}[mode]
+    assert got == expected
+    assert stored["000000003"] == (tmp_path / "img" / "2.jpg").read_bytes()  # not upscaled, not re-encoded
+    stats = json.loads((tmp_path / "one" / "stats.json").read_text())
+    assert stats["resize"] == {"mode": mode, "size": 32, "quality": 85}
+    assert shard_preparation(expand_shard_spec(tmp_path / "one")) == {str(tmp_path / "one"): stats["resize"]}
+    one = sorted((tmp_path / "one").glob("*.tar"))
+    assert all(p.read_bytes() == (tmp_path / "two" / p.name).read_bytes() for p in one)
 
 
 def test_img2dataset_shards_are_resharded_with_hashtags_from_json_or_caption_text(tmp_path):

@@ -3,7 +3,9 @@
 Baseline: `Image.open(path).convert("RGB")` (a full decode) + torchvision's
 RandomResizedCrop(224), RandomHorizontalFlip, ToTensor, Normalize, over the same JPEG files.
 Pipeline: `wsl.data.TrainLoader` on shards of those files (tar reading, JSON, targets,
-shuffle buffer, draft-mode decode, augmentation, batching), in one process.
+shuffle buffer, draft-mode decode, augmentation, batching), in one process; then the same on
+shards that `wsl shards resize.mode=shorter resize.size=S` stored pre-resized (S = 256, 320,
+400; JPEG quality 90), as large runs store their data.
 Both run on one core (torch.set_num_threads(1), no DataLoader workers), in the same run.
 The images are photo-like JPEGs at phone-photo sizes, all at least 800x600, saved at
 `--quality` (default 80: Instagram re-encodes uploads at about that quality; the cost that
@@ -25,12 +27,13 @@ from PIL import Image
 from torchvision import transforms as T
 
 from wsl.data.demo import draw_object, random_object, scene_background
-from wsl.data.shards import read_jsonl, write_shards
+from wsl.data.shards import ResizeConfig, read_jsonl, write_shards
 from wsl.data.stream import TrainDataConfig, TrainLoader
 from wsl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from wsl.data.vocab import build_vocab
 
 SIZES = [(800, 600), (1080, 1080), (1280, 960), (1600, 1200)]
+RESIZED = (256, 320, 400)  # shorter sides of the pre-resized shards
 
 
 def make_images(folder: Path, count: int, quality: int) -> Path:
@@ -94,22 +97,31 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out) / f"q{args.quality}"
     annotations = out / "annotations.jsonl"
-    if not annotations.is_file() or sum(1 for _ in open(annotations)) != args.files:
+    fresh = not annotations.is_file() or sum(1 for _ in open(annotations)) != args.files
+    if fresh:
         print(
             f"writing {args.files} JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}, quality {args.quality}) to {out}"
         )
         annotations = make_images(out, args.files, args.quality)
-        samples, problems = read_jsonl(annotations)
-        write_shards(samples, out / "shards", prefix="bench", shard_size=32, workers=1, input_problems=problems)
+    for folder, resize in [("shards", None)] + [
+        (f"shards-short{side}", ResizeConfig(mode="shorter", size=side, quality=90)) for side in RESIZED
+    ]:
+        if fresh or not (out / folder / "stats.json").is_file():
+            samples, problems = read_jsonl(annotations)
+            write_shards(samples, out / folder, prefix="bench", shard_size=32, input_problems=problems, resize=resize)
     paths = sorted((out / "images").glob("*.jpg"))
     mean_bytes = sum(p.stat().st_size for p in paths) / len(paths)
     bench_baseline(paths, 32), bench_pipeline(out / "shards", 64)  # warm the page cache and imports
     baseline = max(bench_baseline(paths, args.images) for _ in range(args.repeats))
     pipeline = max(bench_pipeline(out / "shards", args.images) for _ in range(args.repeats))
+    resized = {
+        side: max(bench_pipeline(out / f"shards-short{side}", args.images) for _ in range(args.repeats))
+        for side in RESIZED
+    }
     rows = [
         ("baseline: full Pillow decode + torchvision transforms", baseline),
         ("wsl TrainLoader (shards, draft decode, targets, batching)", pipeline),
-    ]
+    ] + [(f"wsl TrainLoader, shards pre-resized: shorter side {side}", rate) for side, rate in resized.items()]
     print(
         f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 core, "
         f"{len(paths)} JPEGs at quality {args.quality} averaging {mean_bytes / 1024:.0f} KiB, "
@@ -118,7 +130,8 @@ def main() -> None:
     print(f"{'method':60s} {'images/s/core':>14s}")
     for name, rate in rows:
         print(f"{name:60s} {rate:14.1f}")
-    print(f"headline: training pipeline / baseline = {pipeline / baseline:.2f}x")
+    print(f"training pipeline on the original images / baseline = {pipeline / baseline:.2f}x")
+    print(f"headline: training pipeline on shards pre-resized to 320 / baseline = {resized[320] / baseline:.2f}x")
 
 
 if __name__ == "__main__":

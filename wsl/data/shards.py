@@ -1,10 +1,11 @@
 """The shard format, in one place: how samples are written to and read from tar shards.
 
 A shard is `<prefix>-%06d.tar` (WebDataset layout): per sample `KEY.jpg` (the original
-JPEG bytes; other image formats are re-encoded to JPEG once) and `KEY.json`
-(`{"hashtags": [...as typed...], "source": ..., ...}`). Beside the shards:
-`sizes.json` (shard name -> sample count, OpenCLIP's convention) and `stats.json`
-(samples per shard, hashtag counts, files skipped and why).
+JPEG bytes, or with `resize` the image already resized as img2dataset does; other image
+formats are re-encoded to JPEG once) and `KEY.json` (`{"hashtags": [...as typed...],
+"source": ..., ...}`). Beside the shards: `sizes.json` (shard name -> sample count, OpenCLIP's
+convention) and `stats.json` (samples per shard, hashtag counts, files skipped and why, the
+resize applied).
 
 Readers only ever decode the image and JSON/text members (`is_sample_member`):
 nothing in a shard is unpickled, whatever its extension.
@@ -16,11 +17,13 @@ import collections
 import concurrent.futures as cf
 import io
 import json
+import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -28,11 +31,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from wsl.config import REQUIRED, option
+from wsl.config import REQUIRED, option, section
 from wsl.data.hashtags import canonical_tag, extract_hashtags
 from wsl.distributed import distributed_rank
 from wsl.errors import WslError
 from wsl.files import write_atomic
+from wsl.parts import PartKeys, read_records, this_part, write_record
 
 FORMAT_VERSION = 1
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -139,6 +143,19 @@ def read_sizes(urls: list[str]) -> dict[str, int] | None:
     return sizes
 
 
+def shard_preparation(urls: list[str]) -> dict[str, dict | None]:
+    """How each folder of `urls` was written: its `stats.json`'s resize (mode, size, JPEG
+    quality), {"mode": "none"} for shards written before resizing existed, None for a folder
+    without stats.json (shards from elsewhere, remote URLs). A run records it in its config."""
+    folders = dict.fromkeys(str(Path(url).parent) for url in urls if "://" not in url and not url.startswith("pipe:"))
+    preparation: dict[str, dict | None] = {}
+    for folder in folders:
+        stats_file = Path(folder) / STATS_FILE
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+        preparation[folder] = None if stats is None else stats.get("resize", {"mode": "none"})
+    return preparation
+
+
 # ---------------------------------------------------------------------------- writing
 
 
@@ -161,24 +178,59 @@ class ShardResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
 
 
-def _checked_jpeg(data: bytes) -> tuple[bytes, str | None]:
-    """(JPEG bytes, None) for a good image, or (b"", reason) for a broken one.
+@dataclass
+class ResizeConfig:
+    """The `resize:` section: store images already resized, as large runs do (img2dataset's
+    resize modes; SWAG's and OpenCLIP's data): decoding a 320 px JPEG costs a fraction of an
+    800-1600 px one, and the training crops come from the stored image."""
 
-    Decoding at 1/8 scale (draft mode) reads every byte of the entropy-coded data, so a
-    truncated file is caught at a fraction of the cost of a full decode.
+    mode: str = option(
+        "none",
+        "none: the original bytes; shorter / longer: that side to `size`, aspect kept, never upscaled",
+        choices=("none", "shorter", "longer"),
+    )
+    size: int = option(320, "the resized side in pixels", minimum=16)
+    quality: int = option(
+        90, "JPEG quality of resized images", minimum=1, check=lambda v: None if v <= 100 else "at most 100"
+    )
+
+
+def _resized_size(width: int, height: int, resize: ResizeConfig) -> tuple[int, int] | None:
+    """The stored size of a width x height image, or None when it is kept as it is."""
+    side = min(width, height) if resize.mode == "shorter" else max(width, height)
+    if resize.mode == "none" or side <= resize.size:
+        return None
+    scale = resize.size / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _checked_jpeg(data: bytes, resize: ResizeConfig | None = None) -> tuple[bytes, str | None]:
+    """(JPEG bytes, None) for a good image, resized as `resize` says, or (b"", reason) for a broken one.
+
+    Decoding in draft mode (at 1/8 scale, or at the smallest scale still at least the resized
+    size) reads every byte of the entropy-coded data, so a truncated file is caught at a
+    fraction of the cost of a full decode.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 image_format = image.format
-                image.draft("RGB", (64, 64))
+                target = _resized_size(*image.size, resize) if resize else None
+                image.draft("RGB", target or (64, 64))
                 image.load()
+                if target is not None:
+                    resized = image.convert("RGB").resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                    return _encode_jpeg(resized, resize.quality), None
                 if image_format == "JPEG":
                     return data, None
-                buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="JPEG", quality=95)
-                return buffer.getvalue(), None
+                return _encode_jpeg(image, 95), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:
         return b"", f"decompression bomb: {exn}"
     except Image.UnidentifiedImageError:
@@ -187,8 +239,8 @@ def _checked_jpeg(data: bytes) -> tuple[bytes, str | None]:
         return b"", f"corrupt image: {exn}"
 
 
-def _write_one_shard(path: Path, samples: list[SourceSample]) -> ShardResult:
-    """Validate and write one shard to a temporary name, then rename it into place."""
+def _write_one_shard(path: Path, samples: list[SourceSample], resize: ResizeConfig | None = None) -> ShardResult:
+    """Validate (and resize) and write one shard to a temporary name, then rename it into place."""
     result = ShardResult(name=path.name, samples=0)
 
     def write(tmp: Path) -> None:
@@ -206,7 +258,7 @@ def _write_one_shard(path: Path, samples: list[SourceSample]) -> ShardResult:
                 if not data:
                     result.skipped.append((source, "empty file"))
                     continue
-                jpeg, reason = _checked_jpeg(data)
+                jpeg, reason = _checked_jpeg(data, resize)
                 if reason:
                     result.skipped.append((source, reason))
                     continue
@@ -303,36 +355,83 @@ def write_shards(
     shard_size: int = 1000,
     workers: int = 1,
     input_problems: list[tuple[str, str]] | None = None,
+    resize: ResizeConfig | None = None,
+    part: tuple[int, int] | None = None,
 ) -> dict:
-    """Write `samples` into shards of at most `shard_size` samples, `workers` shards at a time.
+    """Write `samples` into shards of at most `shard_size` samples, `workers` shards at a time,
+    images resized as `resize` says (default: the original bytes).
 
     Broken images are skipped with a reason (a shard holds `shard_size` minus its skips).
     Returns the stats dict, also written to `stats.json`; `sizes.json` lists every shard.
+    With `part` = (I, N) only the shards whose index is I mod N are written, and a record of
+    them instead of sizes.json / stats.json: `merge_shard_parts` writes those from every part's.
     """
     if shard_size < 1:
         raise WslError(f"shard_size must be at least 1, got {shard_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp")]:
-        stale.unlink()  # a previous run's shards (or .tmp leftovers of a killed one)
+    if part is None:
+        for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp")]:
+            stale.unlink()  # a previous run's shards (or .tmp leftovers of a killed one)
     started = time.time()
     results: list[ShardResult] = []
     in_flight: dict[cf.Future, int] = {}
-    progress = tqdm(desc=f"writing shards to {out_dir}", unit=" shards", dynamic_ncols=True)
+    chunks = 0
+    desc = f"writing shards to {out_dir}" + (f" (part {part[0]} of {part[1]})" if part else "")
+    progress = tqdm(desc=desc, unit=" shards", dynamic_ncols=True)
     with cf.ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         for index, chunk in enumerate(_chunks(samples, shard_size)):
-            in_flight[pool.submit(_write_one_shard, out_dir / shard_name(prefix, index), chunk)] = index
+            chunks = index + 1
+            if part is not None and index % part[1] != part[0]:
+                continue  # another part's shard
+            in_flight[pool.submit(_write_one_shard, out_dir / shard_name(prefix, index), chunk, resize)] = index
             while len(in_flight) >= 2 * max(1, workers):
                 done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                 for future in done:
                     in_flight.pop(future)
                     results.append(future.result())
                     progress.update()
+                    _fault_injection(len(results))
         for future in cf.as_completed(in_flight):
             results.append(future.result())
             progress.update()
+            _fault_injection(len(results))
     progress.close()
-    results.sort(key=lambda r: r.name)
-    skipped = list(input_problems or []) + [s for r in results for s in r.skipped]
+    resize_record = asdict(resize) if resize and resize.mode != "none" else {"mode": "none"}
+    problems = list(input_problems or [])
+    if part is not None:
+        record = {
+            "prefix": prefix,
+            "chunks": chunks,
+            "resize": resize_record,
+            "input_problems": problems,
+            "shards": [
+                {"name": r.name, "samples": r.samples, "hashtag_counts": dict(r.hashtag_counts), "skipped": r.skipped}
+                for r in sorted(results, key=lambda r: r.name)
+            ],
+        }
+        write_record(out_dir, "shards", *part, record)
+        written = sum(r.samples for r in results)
+        return {"samples": written, "shards": {r.name: r.samples for r in results}, "part": part}
+    stats = _write_summary(out_dir, results, problems, resize_record)
+    print(f"{stats['samples']} samples in {len(stats['shards'])} shards, {time.time() - started:.1f} s")
+    return stats
+
+
+def _fault_injection(shards_done: int) -> None:
+    """WSL_KILL_AFTER_SHARDS=N: SIGKILL this process and its shard writers once N shards are
+    written, as a cluster kills a task, so a test knows where a killed part died (never set it otherwise)."""
+    if os.environ.get("WSL_KILL_AFTER_SHARDS") == str(shards_done):
+        for child in multiprocessing.active_children():
+            child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_summary(
+    out_dir: Path, results: list[ShardResult], problems: list[tuple[str, str]], resize_record: dict
+) -> dict:
+    """sizes.json and stats.json of a whole set of shards (one run's, or every part's)."""
+    results = sorted(results, key=lambda r: r.name)
+    skipped = problems + [tuple(s) for r in results for s in r.skipped]
     counts: collections.Counter = collections.Counter()
     for r in results:
         counts.update(r.hashtag_counts)
@@ -344,8 +443,8 @@ def write_shards(
         "skipped": dict(collections.Counter(reason.split(":")[0] for _, reason in skipped)),
         "skipped_files": [{"source": s, "reason": r} for s, r in skipped[:_MAX_EXAMPLES]],
         "distinct_hashtags": len(counts),
-        "top_hashtags": dict(counts.most_common(1000)),
-        "seconds": round(time.time() - started, 1),
+        "top_hashtags": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:1000]),  # ties by name
+        "resize": resize_record,
     }
     (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
     (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
@@ -354,9 +453,35 @@ def write_shards(
     return stats
 
 
+def merge_shard_parts(out_dir: Path) -> dict:
+    """sizes.json and stats.json from every part's record (the same bytes as one run's);
+    shards of an earlier run that no part wrote are removed."""
+    records = read_records(out_dir, "shards")
+    chunks = {record["chunks"] for record in records}
+    prefixes = {record["prefix"] for record in records}
+    if len(chunks) != 1 or len(prefixes) != 1:
+        raise WslError(f"the parts in {out_dir} were cut from different inputs or prefixes: run them again")
+    results = [
+        ShardResult(r["name"], r["samples"], collections.Counter(r["hashtag_counts"]), [tuple(s) for s in r["skipped"]])
+        for record in records
+        for r in record["shards"]
+    ]
+    prefix = prefixes.pop()
+    expected = {shard_name(prefix, index) for index in range(chunks.pop())}
+    if {r.name for r in results} != expected:
+        raise WslError(f"the parts in {out_dir} do not cover the input's shards: run them again")
+    for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp")]:
+        if stale.name not in expected:
+            stale.unlink()
+    problems = [tuple(p) for p in records[0]["input_problems"]]  # every part read every input line
+    return _write_summary(out_dir, results, problems, records[0]["resize"])
+
+
 @dataclass
-class Config:
-    """`wsl shards`: write images + hashtags into WebDataset tar shards (give jsonl or input_shards)."""
+class Config(PartKeys):
+    """`wsl shards`: write images + hashtags into WebDataset tar shards (give jsonl or input_shards).
+    In a job array each task writes the shards of its part (shard index mod parts), then one
+    `merge=true` writes sizes.json and stats.json: the same bytes as one run."""
 
     jsonl: str | None = option(None, 'annotations, one {"path", "hashtags"} or {"path", "caption"} a line')
     images_root: str | None = option(None, "folder the JSONL paths are relative to (null: the JSONL's folder)")
@@ -367,11 +492,16 @@ class Config:
     prefix: str = option("shard", "shard names are PREFIX-NNNNNN.tar")
     shard_size: int = option(1000, "samples a shard (5,000-10,000 at scale: ~0.5-1 GB shards)", minimum=1)
     workers: int = option(os.cpu_count() or 1, "shards written at once", minimum=1)
+    resize: ResizeConfig = section(ResizeConfig, "images stored already resized (img2dataset's resize modes)")
 
 
 def main(config: Config) -> str:
+    if config.merge:
+        stats = merge_shard_parts(Path(config.out))
+        return f"merged the parts: {stats['samples']} samples in {len(stats['shards'])} shards in {config.out}"
     if bool(config.jsonl) == bool(config.input_shards):
         raise WslError("give exactly one input: jsonl=FILE or input_shards=SPEC")
+    part = this_part(config)
     problems: list[tuple[str, str]] = []
     if config.jsonl:
         root = Path(config.images_root) if config.images_root else None
@@ -385,7 +515,14 @@ def main(config: Config) -> str:
         shard_size=config.shard_size,
         workers=config.workers,
         input_problems=problems,
+        resize=config.resize,
+        part=part,
     )
+    if part is not None:
+        return (
+            f"part {part[0]} of {part[1]}: wrote {stats['samples']} samples in {len(stats['shards'])} shards to "
+            f"{config.out}; when every part has finished: wsl shards out={config.out} merge=true"
+        )
     skipped = sum(stats["skipped"].values())
     lines = [
         f"wrote {stats['samples']} samples in {len(stats['shards'])} shards to {config.out} "
@@ -393,4 +530,7 @@ def main(config: Config) -> str:
         f"skipped {skipped} input(s): " + (json.dumps(stats["skipped"]) if skipped else "none"),
     ]
     lines += [f"  skipped {item['source']}: {item['reason']}" for item in stats["skipped_files"][:10]]
+    if config.resize.mode != "none":
+        resize = config.resize
+        lines.append(f"images resized: {resize.mode} side to {resize.size} px, JPEG quality {resize.quality}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from wsl.data.hashtags import canonical_tag, load_synonyms, unique_canonical
 from wsl.data.shards import expand_shard_spec, is_meta_member, read_shard_samples, sample_hashtags
 from wsl.errors import WslError
 from wsl.files import write_json
+from wsl.parts import PartKeys, read_records, this_part, write_record
 
 FORMAT = "wsl-vocab"
 FORMAT_VERSION = 1
@@ -289,12 +290,26 @@ def build_vocab_from_shards(
     """Count the shards' hashtags and build a vocabulary: of the data's own hashtags, or with
     `synsets` ("imagenet-1k" or "wordnet") of WordNet synsets (`build_synset_vocab`)."""
     urls = expand_shard_spec(shards)
-    synonyms = load_synonyms(synonyms_file) if synonyms_file else {}
     counts, samples = count_hashtags(urls, workers)
+    return vocab_from_counts(counts, samples, shards, len(urls), synonyms_file, top_k, min_count, synsets)
+
+
+def vocab_from_counts(
+    counts: collections.Counter,
+    samples: int,
+    shards: str,
+    num_shards: int,
+    synonyms_file: str | None = None,
+    top_k: int | None = None,
+    min_count: int = 1,
+    synsets: str | None = None,
+) -> Vocabulary:
+    """The vocabulary of hashtag counts (one run's, or the sum of every part's)."""
+    synonyms = load_synonyms(synonyms_file) if synonyms_file else {}
     meta = {
         "built_from": {
             "shards": shards,
-            "num_shards": len(urls),
+            "num_shards": num_shards,
             "samples": samples,
             "synonyms_file": synonyms_file,
             "top_k": top_k,
@@ -307,9 +322,32 @@ def build_vocab_from_shards(
     return build_vocab(counts, synonyms=synonyms, top_k=top_k, min_count=min_count, meta=meta)
 
 
+def count_part(shards: str, out: str, part: int, parts: int, workers: int = 1) -> tuple[int, int]:
+    """Count the hashtags of the shards whose index is `part` mod `parts` into a record beside
+    `out`, for `merged_counts`; returns (shards, samples) counted."""
+    urls = expand_shard_spec(shards)
+    counts, samples = count_hashtags(urls[part::parts], workers)
+    record = {"shards": shards, "num_shards": len(urls), "samples": samples, "counts": dict(sorted(counts.items()))}
+    write_record(Path(out).parent, f"{Path(out).stem}-counts", part, parts, record)
+    return len(urls[part::parts]), samples
+
+
+def merged_counts(out: str) -> tuple[collections.Counter, int, str, int]:
+    """(counts, samples, shards, number of shards) summed over every part's record."""
+    records = read_records(Path(out).parent, f"{Path(out).stem}-counts")
+    if len({(r["shards"], r["num_shards"]) for r in records}) != 1:
+        raise WslError(f"the counting parts of {out} were run over different shards: run them again")
+    counts: collections.Counter = collections.Counter()
+    for record in records:
+        counts.update(record["counts"])
+    return counts, sum(r["samples"] for r in records), records[0]["shards"], records[0]["num_shards"]
+
+
 @dataclass
-class Config:
-    """`wsl vocab`: count the shards' hashtags and write the hashtag vocabulary."""
+class Config(PartKeys):
+    """`wsl vocab`: count the shards' hashtags and write the hashtag vocabulary. In a job array
+    each task counts its part of the shards (shard index mod parts), then one `merge=true` sums
+    the counts and writes the vocabulary: the same file as one run."""
 
     shards: str = option(REQUIRED, "shards: paths, a directory, {a..b} patterns, URLs; '::' joins")
     out: str = option(REQUIRED, "vocabulary JSON to write")
@@ -330,13 +368,24 @@ def main(config: Config) -> str:
         raise WslError(f"synonym file not found: {config.synonyms}")
     if config.imagenet and config.wordnet:
         raise WslError("imagenet=true and wordnet=true exclude each other: choose one")
-    vocab = build_vocab_from_shards(
-        config.shards,
-        synonyms_file=config.synonyms,
-        top_k=config.top_k,
-        min_count=config.min_count,
-        synsets="imagenet-1k" if config.imagenet else "wordnet" if config.wordnet else None,
-        workers=config.workers,
+    synsets = "imagenet-1k" if config.imagenet else "wordnet" if config.wordnet else None
+    part = None if config.merge else this_part(config)
+    if part is not None:
+        shards, samples = count_part(config.shards, config.out, *part, config.workers)
+        return (
+            f"part {part[0]} of {part[1]}: counted {samples} samples of {shards} shards; when every part has "
+            f"finished: wsl vocab ... merge=true"
+        )
+    if config.merge:
+        counts, samples, shards, num_shards = merged_counts(config.out)
+        if shards != config.shards:
+            raise WslError(f"the parts counted shards={shards}, not {config.shards}")
+    else:
+        urls = expand_shard_spec(config.shards)
+        counts, samples = count_hashtags(urls, config.workers)
+        num_shards = len(urls)
+    vocab = vocab_from_counts(
+        counts, samples, config.shards, num_shards, config.synonyms, config.top_k, config.min_count, synsets
     )
     path = vocab.save(config.out)
     lines = [

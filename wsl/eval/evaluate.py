@@ -21,6 +21,7 @@ from wsl.config import REQUIRED, WandbConfig, option, require_file, section, to_
 from wsl.data.shards import expand_shard_spec
 from wsl.data.stream import crop_scale_problem
 from wsl.errors import WslError
+from wsl.eval.accounting import Accounting
 from wsl.eval.features import Features, extract_features, load_features
 from wsl.eval.knn import knn_classify
 from wsl.eval.linear_probe import linear_probe
@@ -97,6 +98,9 @@ class Config:
     run_dir: str = option("runs/eval", "report.json, pictures, cached features and W&B files")
     model: str = option("resnext101_32x8d", "registry model of every backbone", check=model_name_problem)
     backbones: dict[str, str | None] = option({}, "name: weights file, or null for a random initialisation of model")
+    dedup_reports: list[str] = option(
+        [], "`wsl dedup` reports: val images found copied in pretraining count as errors (lower-bound top-1)"
+    )
     seed: int = option(0, "seed of random initialisations and the probe")
     data: EvalDataConfig = section(EvalDataConfig, "labelled train and val sets")
     features: FeaturesSection = section(FeaturesSection, "feature extraction")
@@ -143,6 +147,12 @@ def evaluate_backbone(name: str, weights: str | None, config: Config) -> dict:
     )
     val = load_features(val_dir)
     num_classes = _check_pair(train, val)
+    accounting = Accounting(config.dedup_reports, train.meta["classes"])
+    val_keys = [str(key) for key in val.keys]
+
+    def account(predicted: np.ndarray) -> dict[str, float]:
+        return accounting(predicted, val.labels, val_keys)
+
     extracted = time.time()
     knn, neighbours = knn_classify(
         train.features,
@@ -157,6 +167,7 @@ def evaluate_backbone(name: str, weights: str | None, config: Config) -> dict:
         query_block=knn_config.query_block,
         nlist=knn_config.nlist,
         nprobe=knn_config.nprobe,
+        account=account,
     )
     searched = time.time()
     linear = linear_probe(
@@ -171,6 +182,7 @@ def evaluate_backbone(name: str, weights: str | None, config: Config) -> dict:
         linear_config.batch_size,
         linear_config.holdout,
         config.seed,
+        account=account,
     )
     if linear_config.augmented:
         linear["augmented"] = _augmented_probe(name, weights, config)
@@ -281,6 +293,8 @@ def summary_table(results: dict) -> str:
         lines.append(
             f"{name:<22}{cells}{100 * result['linear']['top1']:>14.1f}{100 * result['linear']['top5']:>14.1f}{extra}"
         )
+    for name, result in results.items():
+        lines += _accounted_lines(name, result, ks)
     return "\n".join(
         lines
         + [
@@ -290,6 +304,21 @@ def summary_table(results: dict) -> str:
     )
 
 
+def _accounted_lines(name: str, result: dict, ks: list[int]) -> list[str]:
+    """Lower-bound and ReaL top-1 of one backbone, when `Accounting` gave them."""
+    rows = {f"kNN k={k}": result["knn"][str(k)] for k in ks if str(k) in result["knn"]} | {"linear": result["linear"]}
+    lines = []
+    for number, count, meaning in (
+        ("top1_lower_bound", "copied_in_pretraining", "val images copied in pretraining count as errors"),
+        ("real_top1", "real_images", "val images with ReaL labels"),
+    ):
+        if number in result["linear"]:
+            label = "lower-bound top-1" if number == "top1_lower_bound" else "ReaL top-1"
+            cells = ", ".join(f"{row} {100 * values[number]:.1f}" for row, values in rows.items() if number in values)
+            lines.append(f"{name}: {label} {cells} ({result['linear'][count]:.0f} {meaning})")
+    return lines
+
+
 def run_eval(config: Config) -> dict:
     """Evaluate every backbone of `config`; write report.json, the neighbour pictures and W&B."""
     if not config.backbones:
@@ -297,6 +326,8 @@ def run_eval(config: Config) -> dict:
     for name, weights in config.backbones.items():
         if weights:
             require_file(weights, f"backbones.{name}", "weights file")
+    for index, report in enumerate(config.dedup_reports):
+        require_file(report, f"dedup_reports[{index}]", "dedup report")
     for value in (config.data.train, config.data.val):
         if not Path(value).is_dir():
             expand_shard_spec(value)
@@ -345,6 +376,10 @@ def _log_to_wandb(config: Config, results: dict, pictures: dict) -> str:
         numbers = {f"{name}/knn_top1@k={k}": v["top1"] for k, v in result["knn"].items()}
         numbers |= {f"{name}/knn_top5@k={k}": v["top5"] for k, v in result["knn"].items()}
         numbers |= {f"{name}/linear_top1": result["linear"]["top1"], f"{name}/linear_top5": result["linear"]["top5"]}
+        for number in ("top1_lower_bound", "real_top1"):  # when `Accounting` gave them
+            numbers |= {f"{name}/knn_{number}@k={k}": v[number] for k, v in result["knn"].items() if number in v}
+            if number in result["linear"]:
+                numbers[f"{name}/linear_{number}"] = result["linear"][number]
         if name in pictures:
             numbers[f"{name}/neighbours"] = wandb.Image(str(pictures[name]), caption="val query | nearest train images")
         run.log(numbers)

@@ -31,6 +31,7 @@ from wsl.distributed import dataloader_worker, distributed_rank, local_device
 from wsl.errors import WslError
 from wsl.files import write_atomic, write_json
 from wsl.models import ResNeXt, build_model, model_name_problem
+from wsl.parts import PartKeys, this_part
 from wsl.release.checkpoints import file_sha256, load_weights
 
 FORMAT = "wsl-features-1"
@@ -176,7 +177,7 @@ def extract_features(
                 f"{out} holds features of {previous.get('backbone')} on {previous.get('source')}, "
                 f"not {ident} on {source}: use another folder"
             )
-    elif rank == 0:  # through a rename: another rank may be reading it
+    else:  # by any rank or part that finds it missing (the same bytes), through a rename: another may be reading it
         write_json(meta_file, meta)
     todo = [u for u in units[rank::world_size] if not (out / f"part-{u.index:06d}.npz").is_file()]
     if not todo:
@@ -274,10 +275,11 @@ def load_features(folder: str | Path) -> Features:
 
 
 @dataclass
-class Config:
+class Config(PartKeys):
     """`wsl features`: pooled features of a frozen backbone for every image of a dataset, written in parts
     under `out`. On many GPUs run one process per GPU (torchrun): each writes its share, every image once.
-    Re-running finishes an interrupted extraction."""
+    In a job array, part=I parts=N writes units I mod N (and torchrun inside a task is not needed);
+    `merge=true` checks that every unit is there. Re-running finishes an interrupted extraction."""
 
     source: str = option(REQUIRED, "image folder (class folders, or flat + labels file) or shards")
     out: str = option(REQUIRED, "features folder (meta.json + part-NNNNNN.npz)")
@@ -297,8 +299,13 @@ class Config:
 
 
 def main(config: Config) -> str:
+    if config.merge:
+        features = load_features(config.out)
+        return f"every part is there: {len(features.labels)} features ({features.meta['backbone']}) in {config.out}"
     if config.weights:
         require_file(config.weights, "weights", "weights file")
+    part = this_part(config)
+    rank, world_size = part if part is not None else distributed_rank()
     out = extract_features(
         config.source,
         config.out,
@@ -313,8 +320,12 @@ def main(config: Config) -> str:
         precision=config.precision,
         unit_size=config.unit_size,
         seed=config.seed,
+        rank=rank,
+        world_size=world_size,
     )
-    if distributed_rank()[0] != 0:
+    if part is not None:
+        return f"part {part[0]} of {part[1]} written to {out}; when every part has finished: merge=true"
+    if rank != 0:
         return ""
     try:
         features = load_features(out)

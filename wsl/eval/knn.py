@@ -11,7 +11,7 @@ go in large blocks: faiss-cpu's exact search only switches to BLAS for >= 20 que
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -89,9 +89,11 @@ def knn_classify(
     num_classes: int,
     ks: tuple[int, ...] = (10, 20, 100, 200),
     temperature: float = 0.07,
+    account: Callable[[np.ndarray], dict[str, float]] | None = None,
     **search_options,
 ) -> tuple[dict[int, dict[str, float]], np.ndarray]:
-    """Top-1/top-5 for each k (k larger than the database is left out), and the neighbour ids."""
+    """Top-1/top-5 for each k (k larger than the database is left out), and the neighbour ids.
+    `account` maps the top-1 predictions to more numbers for each k's row (lower-bound, ReaL)."""
     database, queries = l2_normalise(train_features), l2_normalise(val_features)
     usable = [k for k in ks if k <= len(database)]
     if not usable:
@@ -107,4 +109,6 @@ def knn_classify(
             "top1": topk_accuracy(scores, val_labels, 1),
             "top5": topk_accuracy(scores, val_labels, min(5, num_classes)),
         }
+        if account is not None:
+            results[k] |= account(np.argmax(scores, axis=1))
     return results, ids

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -106,6 +107,13 @@ def train_heads(
 
 
 @torch.no_grad()
+def _predictions(heads: Heads, batches: _Batches, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """The first head's top-1 class for each of `rows`."""
+    blocks = (batches(rows[start : start + block])[0] for start in range(0, len(rows), block))
+    return np.concatenate([heads.logits(x)[:, 0].argmax(1).cpu().numpy() for x in blocks])
+
+
+@torch.no_grad()
 def _accuracies(heads: Heads, batches: _Batches, rows: np.ndarray, k: int, block: int = 4096) -> np.ndarray:
     """Top-k accuracy of every head on `rows`: [heads]."""
     hits = torch.zeros(len(heads.settings), device=batches.device)
@@ -129,11 +137,13 @@ def linear_probe(
     holdout: float = 0.2,
     seed: int = 0,
     device: torch.device | None = None,
+    account: Callable[[np.ndarray], dict[str, float]] | None = None,
 ) -> dict:
     """Val top-1/top-5 of the linear classifier whose (lr, weight decay) did best on the held-out split.
 
     Features may be float16 (as stored) or float32, numpy arrays or memory maps: they are read a
     batch at a time. The grid is one run on the fit split; the chosen setting, one more on all of train.
+    `account` maps the val top-1 predictions to more numbers for the result (lower-bound, ReaL).
     """
     if not 0 < holdout < 1:
         raise WslError(f"linear.holdout must be between 0 and 1, not {holdout}")
@@ -152,9 +162,11 @@ def linear_probe(
     final = train_heads(batches, everything, num_classes, [(lr, weight_decay)], epochs, batch_size, seed)
     val = _Batches(val_features, np.asarray(val_labels, np.int64), batches.mean, batches.std, device)
     rows = np.arange(len(val_features))
+    accounted = account(_predictions(final, val, rows)) if account is not None else {}
     return {
         "top1": float(_accuracies(final, val, rows, 1)[0]),
         "top5": float(_accuracies(final, val, rows, 5)[0]),
+        **accounted,
         "lr": lr,
         "weight_decay": weight_decay,
         "holdout_top1": {f"lr={a},wd={b}": v for (a, b), v in grid.items()},

@@ -29,7 +29,7 @@ from wsl.data.shards import expand_shard_spec
 from wsl.data.stream import TrainDataConfig, TrainLoader, crop_scale_problem
 from wsl.data.transforms import EvalTransform, TrainTransform
 from wsl.errors import WslError
-from wsl.eval.accounting import copied_evaluation_keys, real_label_set, real_labels
+from wsl.eval.accounting import Accounting
 from wsl.models import model_name_problem
 from wsl.release.checkpoints import load_weights
 from wsl.train.module import NetworkModule, StreamDataModule, TrainingMonitor
@@ -139,11 +139,8 @@ class ImageClassifier(NetworkModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.val_images = SumMetric()
         # Lower-bound accuracy (the paper's: images copied in the pretraining data count as errors) and ReaL.
-        self.copied_keys: set[str] = set()
-        self.real: list[list[int]] | None = None
-        self.val_counts = torch.nn.ModuleDict(
-            {name: SumMetric() for name in ("lower_bound_correct", "copied", "real_correct", "real_images")}
-        )
+        self.accounting = Accounting()
+        self.val_counts = torch.nn.ModuleDict({name: SumMetric() for name in Accounting.COUNTS})
         self.skipped_images = 0
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -168,16 +165,9 @@ class ImageClassifier(NetworkModule):
         self.val_top1.update(logits, batch["target"])
         self.val_top5.update(logits, batch["target"])
         self.val_images.update(torch.tensor(float(len(batch["target"]))))
-        correct = (logits.argmax(1) == batch["target"]).cpu()
-        copied = torch.tensor([key in self.copied_keys for key in batch["key"]], dtype=torch.bool)
-        self.val_counts["lower_bound_correct"].update((correct & ~copied).sum().float())
-        self.val_counts["copied"].update(copied.sum().float())
-        if self.real is not None:
-            labels = [real_label_set(self.real, key) for key in batch["key"]]
-            predicted = logits.argmax(1).tolist()
-            scored = [(p, r) for p, r in zip(predicted, labels) if r]  # an empty ReaL set is left out
-            self.val_counts["real_correct"].update(torch.tensor(float(sum(p in r for p, r in scored))))
-            self.val_counts["real_images"].update(torch.tensor(float(len(scored))))
+        counts = self.accounting.counts(logits.argmax(1).tolist(), batch["target"].tolist(), batch["key"])
+        for name, count in counts.items():
+            self.val_counts[name].update(torch.tensor(count))
 
     def on_validation_epoch_end(self) -> None:
         # compute() sums the states over ranks; each image was seen by exactly one rank.
@@ -185,13 +175,9 @@ class ImageClassifier(NetworkModule):
         self.log("val/top5", self.val_top5.compute())
         images = self.val_images.compute()
         self.log("val/images", images)
-        counts = {name: metric.compute() for name, metric in self.val_counts.items()}
-        if self.copied_keys:
-            self.log("val/top1_lower_bound", counts["lower_bound_correct"] / images.clamp(min=1))
-            self.log("val/copied_in_pretraining", counts["copied"])
-        if self.real is not None and counts["real_images"] > 0:
-            self.log("val/real_top1", counts["real_correct"] / counts["real_images"])
-            self.log("val/real_images", counts["real_images"])
+        counts = {name: float(metric.compute()) for name, metric in self.val_counts.items()}
+        for name, value in self.accounting.rates(counts, float(images)).items():
+            self.log(f"val/{name}", value)
         for metric in (self.val_top1, self.val_top5, self.val_images, *self.val_counts.values()):
             metric.reset()
 
@@ -319,7 +305,7 @@ def run_finetuning(config: Config, callbacks: list[pl.Callback] | None = None) -
         config.freeze_backbone,
         logged,
     )
-    _account_for(module, config, datamodule.classes)
+    module.accounting = Accounting(config.dedup_reports, datamodule.classes)  # lower-bound and ReaL top-1
     if resume_checkpoint(run_dir) is not None:
         start = "resumed (weights from the run's checkpoint)"
     elif config.weights:
@@ -369,18 +355,12 @@ def run_validation(config: Config) -> dict:
         False,
         datamodule.classes,
     )
-    _account_for(module, config, datamodule.classes)
+    module.accounting = Accounting(config.dedup_reports, datamodule.classes)  # lower-bound and ReaL top-1
     start = load_weights(module.net, config.weights, config.model, head="keep", check_hash=config.check_hash)
     rank_zero_only(print)(f"weights: {start}")
     trainer = pl.Trainer(logger=False, enable_checkpointing=False, **trainer_args)
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "start": start}
-
-
-def _account_for(module: ImageClassifier, config: Config, classes: list[str] | None) -> None:
-    """Give the validation what it must account for: copies found by dedup, ImageNet's ReaL labels."""
-    module.copied_keys = copied_evaluation_keys(config.dedup_reports)
-    module.real = real_labels(classes)
 
 
 def _accuracy(metrics: dict) -> str:

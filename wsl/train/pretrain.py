@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 
 from wsl.config import WandbConfig, option, require_file, section, to_dict
 from wsl.data.evalset import EvalDataset
-from wsl.data.shards import expand_shard_spec
+from wsl.data.shards import expand_shard_spec, shard_preparation
 from wsl.data.stream import TrainDataConfig, TrainLoader
 from wsl.data.transforms import EvalTransform
 from wsl.data.vocab import Vocabulary
@@ -109,9 +109,12 @@ class HashtagPretraining(NetworkModule):
         config: dict | None = None,
         zero_init_residual: bool = False,
         most_frequent_class: int = 0,
+        shards_prepared: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()  # `config`: the whole run config, kept in every checkpoint and release
+        # `config`: the whole run config, kept in every checkpoint and release; `shards_prepared`:
+        # how the shards were written (`wsl.data.shards.shard_preparation`: stored resized or not)
+        self.save_hyperparameters()
         self.optim = OptimConfig(**(optim or {}))
         self.build_network(model, num_classes, channels_last, compile, zero_init_residual)
         self.val_precision = torch.nn.ModuleDict({k: MeanMetric() for k in ("p1", "p5", "most_frequent_p1")})
@@ -205,15 +208,16 @@ def run_pretraining(config: Config, callbacks: list[pl.Callback] | None = None) 
     data = config.data
     require_file(data.vocab, "data.vocab", "vocabulary file")
     vocab = Vocabulary.load(data.vocab)
-    vocab.check_matches(expand_shard_spec(data.shards))
-    if data.val_shards:
-        expand_shard_spec(data.val_shards)
+    train_urls = expand_shard_spec(data.shards)
+    vocab.check_matches(train_urls)
+    val_urls = expand_shard_spec(data.val_shards) if data.val_shards else []
     run_dir = Path(config.run_dir)
     start_run(run_dir, config, "pretrain", config.restart)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     trainer_args, channels_last = resolve_hardware(config.trainer, config.channels_last)
     datamodule = HashtagShards(data, vocab)
     logged = to_dict(config)
+    prepared = shard_preparation(train_urls + val_urls)  # with the config, into W&B and every checkpoint
     module = HashtagPretraining(
         config.model,
         len(vocab),
@@ -226,6 +230,7 @@ def run_pretraining(config: Config, callbacks: list[pl.Callback] | None = None) 
         logged,
         config.zero_init_residual,
         int(vocab.counts.argmax()),
+        prepared,
     )
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -245,7 +250,7 @@ def run_pretraining(config: Config, callbacks: list[pl.Callback] | None = None) 
         trainer_args,
         checkpoints,
         [TrainingMonitor(vocab, table_every=config.wandb.table_every), *extra, *(callbacks or [])],
-        logged | {"vocab_sha256": vocab.sha256},
+        logged | {"vocab_sha256": vocab.sha256, "shards_prepared": prepared},
         max_steps=config.max_steps,
         max_epochs=-1,
         val_check_interval=config.val_every_steps,
