@@ -30,7 +30,7 @@ PRETRAIN_ARGS   ?=
 WEIGHTS          = $(PRETRAIN_RUN)/checkpoints/last.ckpt
 
 .PHONY: help install lint test test-fast demo-data shards vocab dedup pretrain finetune eval release all \
-	bench-data bench-knn bench-dedup bench-dedup-memory bench-probe bench-eval-reader bench-train clean
+	bench-data bench-knn bench-dedup bench-dedup-memory bench-probe bench-eval-reader bench-train bench-scale clean
 
 help:
 	@echo "make pretrain    pretrain on the embedded demo data (CONFIG=..., ARGS=\"key=value ...\")"
@@ -49,6 +49,7 @@ help:
 	@echo "make bench-probe the linear probe's time per epoch and memory up to 1.28M x 2048 features"
 	@echo "make bench-eval-reader  samples the evaluation reader reads, 3,360 slots on 20 shards"
 	@echo "make bench-train one training step's images/s: eager, channels_last, torch.compile (BENCH_TRAIN_ARGS=...)"
+	@echo "make bench-scale every stage at 3 sizes: growth (log-log slope) and the cost at the paper's sizes"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -136,6 +137,9 @@ bench-data: install
 BENCH_TRAIN_ARGS ?=
 bench-train: install
 	$(BIN)/python pipelines/bench/train.py $(BENCH_TRAIN_ARGS)
+
+bench-scale: install
+	$(BIN)/python pipelines/bench/scale.py --work bench/scale
 
 bench-knn: install
 	$(BIN)/python pipelines/bench/knn.py

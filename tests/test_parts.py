@@ -3,6 +3,7 @@ killed and run again, then the merge, give the same bytes as one run over everyt
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import jpeg_bytes
+import webdataset as wds
+from conftest import jpeg_bytes, write_tar
 
+from wsl.data.demo import planted_duplicates
+from wsl.dedup.run import REPORT_FILE
 from wsl.errors import WslError
 from wsl.parts import PartKeys, this_part
 
@@ -117,3 +121,37 @@ def test_the_part_comes_from_the_config_or_a_slurm_job_array_and_is_checked(monk
     for keys, message in [(PartKeys(part=3, parts=3), "not one of the 3 parts"), (PartKeys(parts=3), "both")]:
         with pytest.raises(WslError, match=message):
             this_part(keys)
+
+
+@pytest.mark.slow
+def test_dedup_in_three_parts_one_killed_and_rerun_then_merged_equals_one_run(tmp_path):
+    planted_duplicates(tmp_path / "data", num_eval=10, copies_per_image=1, num_others=50, shard_size=12)
+    shards = tmp_path / "data" / "shards"
+    samples = wds.WebDataset(str(shards / "pretrain-000000.tar"), shardshuffle=False)
+    first = next(s for s in samples if s["__key__"].startswith("img"))  # not a planted copy
+    write_tar(shards / "pretrain-000005.tar", [("dup.jpg", first["jpg"]), ("dup.json", b"{}")])  # part 2 copies part 0
+    args = ["dedup", f"shards={shards}", f"against=[{tmp_path / 'data' / 'eval'}]", "workers=1"]
+    out = tmp_path / "parts"
+    started = _parts(*args, f"out={out}")
+    started[1].send_signal(signal.SIGKILL)  # killed before it could score its shards
+    assert [started[0].wait(timeout=300), started[2].wait(timeout=300)] == [0, 0]
+    if started[1].wait() != 0:
+        early = _wsl(*args, f"out={out}", "merge=true")
+        assert early.returncode == 2 and "(part 1)" in early.stderr, early.stderr
+        assert _finished([subprocess.Popen([WSL, *args, f"out={out}", "part=1", "parts=3"])]) == [0]
+    merged = _wsl(*args, f"out={out}", "merge=true")
+    assert merged.returncode == 0, merged.stderr
+    one_run = _wsl(*args, f"out={tmp_path / 'one'}")
+    assert one_run.returncode == 0, one_run.stderr
+    report, one_report = (json.loads((folder / REPORT_FILE).read_text()) for folder in (out, tmp_path / "one"))
+    assert report["shards"]["pretrain-000005.tar"]["exact_duplicates"][0]["same_as"].startswith("pretrain-000000")
+    report.pop("picture"), one_report.pop("picture")  # the path of each run's own picture
+    assert report == one_report
+
+    def outputs(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".tar", ".png", ".json")}
+
+    assert {n: b for n, b in outputs(out).items() if n != REPORT_FILE} == {
+        n: b for n, b in outputs(tmp_path / "one").items() if n != REPORT_FILE
+    }
+    assert len(outputs(out)) == 9  # 6 shards, sizes.json, the report, the picture

@@ -279,20 +279,3 @@ def test_unknown_data_or_optim_keys_are_named_and_a_config_needs_shards_and_voca
         load(Config, [], ["optim.lr=0.1"])
     with pytest.raises(WslError, match="config key 'data.shards' is required"):
         load(Config, [], [])
-
-
-def test_the_training_step_benchmark_reports_each_mode_against_a_matrix_product_measured_in_the_same_run():
-    script = Path(__file__).parent.parent / "pipelines" / "bench" / "train.py"
-    args = ["--image-size", "32", "--batch-size", "2", "--classes", "10", "--steps", "2", "--warmup", "1"]
-    result = subprocess.run(
-        [sys.executable, str(script), *args, "--modes", "eager,channels_last"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
-    rows = {line.split()[0]: line.split() for line in lines if line.split()[0] in ("eager", "channels_last")}
-    assert set(rows) == {"eager", "channels_last"} and all(float(row[1]) > 0 for row in rows.values())
-    assert re.fullmatch(
-        r"best \((eager|channels_last)\): \d+\.\d% of the matrix-product rate; \d+\.\d\dx eager", lines[-1]
-    )
-    bad = subprocess.run([sys.executable, str(script), "--model", "resnet50"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--model: a registry model name" in bad.stderr

@@ -1,13 +1,14 @@
 """One part of a stage's input for one task of a job array, and the merge of the parts.
 
 At billions of images the data stages run as SLURM job arrays, as FAIR's pipelines ran under
-submitit and img2dataset under Spark: `wsl shards|vocab|features ... part=I parts=N` (or
-nothing, inside an array task: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT) does part I of
-N. Parts are cut deterministically by input unit (a chunk of shard_size input lines, a shard,
-a unit of images) round robin, never overlap, and each writes only its own outputs through a
-rename, plus a record of what it did under `_parts/`. Then one `... merge=true` writes what is
-global (sizes.json, stats.json, the vocabulary) from the records: the same bytes as one run
-over everything. A killed part is simply run again.
+submitit and img2dataset under Spark: `wsl shards|dedup|vocab|features ... part=I parts=N`
+(or nothing, inside an array task: SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT) does part I
+of N. Parts are cut deterministically by input unit (a chunk of shard_size input samples, a
+shard, a unit of images) round robin, never overlap, and each writes only its own outputs
+through a rename, plus a record of what it did under `_parts/`. Then one `... merge=true`
+writes what is global (sizes.json and stats.json, byte duplicates across parts and the
+filtered shards, the vocabulary) from the records: the same bytes as one run over
+everything. A killed part is simply run again.
 """
 
 from __future__ import annotations

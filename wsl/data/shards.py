@@ -370,7 +370,7 @@ def write_shards(
         raise WslError(f"shard_size must be at least 1, got {shard_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if part is None:
-        for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp")]:
+        for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tmp")]:
             stale.unlink()  # a previous run's shards (or .tmp leftovers of a killed one)
     started = time.time()
     results: list[ShardResult] = []
@@ -470,7 +470,7 @@ def merge_shard_parts(out_dir: Path) -> dict:
     expected = {shard_name(prefix, index) for index in range(chunks.pop())}
     if {r.name for r in results} != expected:
         raise WslError(f"the parts in {out_dir} do not cover the input's shards: run them again")
-    for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tar.tmp")]:
+    for stale in [*out_dir.glob(f"{prefix}-*.tar"), *out_dir.glob(f".{prefix}-*.tmp")]:
         if stale.name not in expected:
             stale.unlink()
     problems = [tuple(p) for p in records[0]["input_problems"]]  # every part read every input line

@@ -23,6 +23,7 @@ from wsl.data.shards import SIZES_FILE, TAR_MTIME, expand_shard_spec, read_shard
 from wsl.dedup.index import DECODE_ERRORS, FORMAT, DedupConfig, EvalIndex, decode_small, image_for_matching
 from wsl.errors import WslError
 from wsl.files import write_atomic, write_json
+from wsl.parts import PartKeys, read_records, this_part, write_record
 from wsl.pictures import image_grid
 
 _SPAWN = multiprocessing.get_context("spawn")  # forked workers deadlock in FAISS after the parent used OpenMP
@@ -218,10 +219,17 @@ def run_dedup(
     config: DedupConfig | None = None,
     workers: int = 1,
     threads: int | None = None,
+    part: tuple[int, int] | None = None,
+    merge: bool = False,
 ) -> dict:
     """Filter `shards` into `out`: without copies of the `against` sets' images, without byte
     duplicates and undecodable images. Returns the report (also `out/dedup_report.json`).
-    `workers` shards at a time, each searching with `threads` FAISS threads (default: the cores shared out)."""
+    `workers` shards at a time, each searching with `threads` FAISS threads (default: the cores shared out).
+
+    In a job array: `part` = (I, N) only scores the shards whose index is I mod N (their
+    decisions, the costly step) and records it; then `merge` (every shard scored) resolves byte
+    duplicates across all of them in bounded memory and writes the filtered shards and the
+    report, the same bytes as one run."""
     config = config or DedupConfig()
     started = time.time()
     urls = expand_shard_spec(shards)
@@ -248,10 +256,14 @@ def run_dedup(
     eval_skipped = json.loads((work / "eval-keys.json").read_text())["skipped"]
 
     decisions_file = {url: work / "decisions" / f"{Path(url).name}.json" for url in urls}
-    pending = [url for url in urls if not decisions_file[url].is_file()]
+    mine = urls if part is None else urls[part[0] :: part[1]]
+    pending = [url for url in mine if not decisions_file[url].is_file()]
+    if merge and pending:
+        read_records(out, "dedup")  # names the parts that have not finished
+        raise WslError(f"{len(pending)} shards have no decisions ({Path(pending[0]).name}...): run their parts again")
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     progress = tqdm(
-        total=len(urls), initial=len(urls) - len(pending), desc="de-duplicating", unit=" shards", dynamic_ncols=True
+        total=len(mine), initial=len(mine) - len(pending), desc="de-duplicating", unit=" shards", dynamic_ncols=True
     )
     images, tick = 0, time.time()
     with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
@@ -262,6 +274,9 @@ def run_dedup(
             progress.update()
             progress.set_postfix(images_per_sec=round(images / max(time.time() - tick, 1e-6)))
     progress.close()
+    if part is not None:
+        write_record(out, "dedup", *part, {"shards": [Path(url).name for url in mine]})
+        return {"part": part, "shards": len(mine), "images": images, "seconds": round(time.time() - started, 1)}
 
     sizes, per_shard = {}, {}
     (work / "kept").mkdir(exist_ok=True)
@@ -294,17 +309,17 @@ def run_dedup(
         "removed": totals,
         "shards": per_shard,
         "picture": str(out / PICTURE_FILE),
-        "seconds": round(time.time() - started, 1),
     }
-    write_json(out / REPORT_FILE, report)
-    return report
+    write_json(out / REPORT_FILE, report)  # no timings in it: one run and parts + merge give the same bytes
+    return report | {"seconds": round(time.time() - started, 1)}
 
 
 @dataclass
-class Config(DedupConfig):
+class Config(PartKeys, DedupConfig):
     """`wsl dedup`: drop pretraining samples that copy evaluation images, byte duplicates and undecodable
     images. Writes the filtered shards (same names), sizes.json, dedup_report.json and dedup_matches.png;
-    a killed run re-run finishes the job."""
+    a killed run re-run finishes the job. In a job array each task scores its part of the shards (shard
+    index mod parts), then one `merge=true` resolves byte duplicates across all and writes the output."""
 
     shards: str = option(REQUIRED, "pretraining shards: paths, a folder, {a..b} patterns, joined by ::")
     against: list[str] = option([], "evaluation sets: image folders (searched recursively) or shards")
@@ -316,7 +331,15 @@ def main(config: Config) -> str:
     if not config.against:
         raise WslError("config key 'against' is empty: name the evaluation sets, e.g. against=[data/val]")
     settings = DedupConfig(**{f.name: getattr(config, f.name) for f in fields(DedupConfig)})
-    report = run_dedup(config.shards, config.against, config.out, settings, workers=config.workers)
+    part = None if config.merge else this_part(config)
+    report = run_dedup(
+        config.shards, config.against, config.out, settings, workers=config.workers, part=part, merge=config.merge
+    )
+    if part is not None:
+        return (
+            f"part {part[0]} of {part[1]}: scored {report['shards']} shards ({report['images']} images, "
+            f"{report['seconds']} s); when every part has finished: the same command with merge=true"
+        )
     removed = report["removed"]
     return (
         f"kept {report['kept']} of {report['input_samples']} samples in {len(report['shards'])} shards in "
