@@ -6,6 +6,7 @@ PYTHON      ?= python3
 VENV        := .venv
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
+DEV_STAMP   := $(VENV)/.installed-dev
 DATA        ?= data
 DEMO        := $(DATA)/demo
 SHARDS      := $(DATA)/shards/demo
@@ -29,7 +30,7 @@ RELEASE         ?= runs/release-demo
 PRETRAIN_ARGS   ?=
 WEIGHTS          = $(PRETRAIN_RUN)/checkpoints/last.ckpt
 
-.PHONY: help install lint test test-fast demo-data shards vocab dedup pretrain finetune eval release all \
+.PHONY: help install install-dev lint test test-fast demo-data shards vocab dedup pretrain finetune eval release all \
 	bench-data bench-knn bench-dedup bench-dedup-memory bench-probe bench-eval-reader bench-train bench-scale clean
 
 help:
@@ -51,21 +52,29 @@ help:
 	@echo "make bench-train one training step's images/s: eager, channels_last, torch.compile (BENCH_TRAIN_ARGS=...)"
 	@echo "make bench-scale every stage at 3 sizes: growth (log-log slope) and the cost at the paper's sizes"
 
+# The pipeline needs only the package; tests, lint and benchmarks also the `dev` extra
+# (pytest, ruff, scikit-learn, matplotlib), so `make pretrain` on a fresh machine installs less.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e .
+	@touch $@
+
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
 install: $(STAMP)
 
-lint: install
+install-dev: $(DEV_STAMP)
+
+lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install-dev
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
 demo-data: install
@@ -130,30 +139,30 @@ all: install dedup
 		'data.shards=$(DEDUP)/pretrain-{000000..000018}.tar' 'data.val_shards=$(DEDUP)/pretrain-{000019..000020}.tar' \
 		data.vocab=$(DEDUP)/vocab.json"
 
-bench-data: install
+bench-data: install-dev
 	$(BIN)/python pipelines/bench/data.py --out bench/data
 
 # On a GPU: make bench-train BENCH_TRAIN_ARGS="--model resnext101_32x8d --image-size 224 --batch-size 128"
 BENCH_TRAIN_ARGS ?=
-bench-train: install
+bench-train: install-dev
 	$(BIN)/python pipelines/bench/train.py $(BENCH_TRAIN_ARGS)
 
-bench-scale: install
+bench-scale: install-dev
 	$(BIN)/python pipelines/bench/scale.py --work bench/scale
 
-bench-knn: install
+bench-knn: install-dev
 	$(BIN)/python pipelines/bench/knn.py
 
-bench-dedup: install
+bench-dedup: install-dev
 	$(BIN)/python pipelines/bench/dedup.py --out bench/dedup
 
-bench-dedup-memory: install
+bench-dedup-memory: install-dev
 	$(BIN)/python pipelines/bench/dedup_memory.py
 
-bench-probe: install
+bench-probe: install-dev
 	$(BIN)/python pipelines/bench/linear_probe.py
 
-bench-eval-reader: install
+bench-eval-reader: install-dev
 	$(BIN)/python pipelines/bench/eval_reader.py
 
 clean:
