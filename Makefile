@@ -59,9 +59,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e .
 	@touch $@
 
-$(DEV_STAMP): $(STAMP)
+$(DEV_STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	@touch $@
+	@touch $(STAMP) $@
 
 install: $(STAMP)
 

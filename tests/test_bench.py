@@ -30,7 +30,7 @@ def test_the_training_step_benchmark_reports_each_mode_against_a_matrix_product_
 
 
 def test_the_scale_benchmark_fits_each_stages_growth_and_extrapolates_to_the_papers_sizes(tmp_path):
-    stages = "vocab,dedup-decisions,probe"
+    stages = "vocab,probe"
     result = subprocess.run(
         [sys.executable, str(BENCH / "scale.py"), "--quick", "--stages", stages, "--work", str(tmp_path)],
         capture_output=True,
