@@ -35,7 +35,7 @@ from wsl.config import REQUIRED, option, section
 from wsl.data.hashtags import canonical_tag, extract_hashtags
 from wsl.distributed import distributed_rank
 from wsl.errors import WslError
-from wsl.files import write_atomic
+from wsl.files import write_atomic, write_json
 from wsl.parts import PartKeys, read_records, this_part, write_record
 
 FORMAT_VERSION = 1
@@ -446,8 +446,8 @@ def _write_summary(
         "top_hashtags": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:1000]),  # ties by name
         "resize": resize_record,
     }
-    (out_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
-    (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+    write_json(out_dir / SIZES_FILE, sizes)  # through a rename, as every shard is
+    write_json(out_dir / STATS_FILE, stats)
     if not sizes:
         raise WslError("no input samples: nothing was written")
     return stats
