@@ -45,7 +45,7 @@ help:
 	@echo "make shards      demo data -> WebDataset shards + hashtag vocabulary"
 	@echo "make bench-data  training data pipeline vs. plain Pillow + torchvision"
 	@echo "make bench-knn   FAISS kNN vs. scikit-learn's brute-force KNeighborsClassifier"
-	@echo "make bench-dedup de-duplication: threshold curve on planted copies, images/s per core"
+	@echo "make bench-dedup de-duplication: recall per copy edit (real photos too), false removals, images/s per core"
 	@echo "make bench-dedup-memory  the dedup decision step's peak memory at 100k and 1M samples"
 	@echo "make bench-probe the linear probe's time per epoch and memory up to 1.28M x 2048 features"
 	@echo "make bench-eval-reader  samples the evaluation reader reads, 3,360 slots on 20 shards"

@@ -57,7 +57,7 @@ def _small_set(tmp_path: Path) -> tuple[Path, Path]:
     return shards, tmp_path / "data" / "eval"
 
 
-def _dedup(shards: Path, against: Path, out: Path) -> subprocess.Popen:
+def _dedup(shards: Path, against: Path, out: Path, *settings: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
@@ -68,6 +68,7 @@ def _dedup(shards: Path, against: Path, out: Path) -> subprocess.Popen:
             f"against=[{against}]",
             f"out={out}",
             "workers=2",
+            *settings,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -180,3 +181,70 @@ def test_the_decision_step_gives_the_in_memory_answer_in_memory_that_does_not_gr
         assert result["digest"] == _in_memory_answer(files, 0.77), f"different decisions at {samples} samples"
         peaks[samples] = result["peak"]
     assert peaks[1_000_000] <= 1.3 * peaks[100_000], peaks
+
+
+def _random_sscd_weights(path: Path) -> Path:
+    """A randomly initialised SSCD network saved in SSCD's torchvision key layout (`backbone.*`),
+    its batch-norm statistics set on noise so that different images get different descriptors."""
+    import torch
+
+    from wsl.dedup.sscd import sscd_model
+
+    torch.manual_seed(0)
+    model = sscd_model().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the batches below
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, 64, 64))
+    torch.save({f"backbone.{k}": v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_the_sscd_descriptor_finds_an_exact_copy_and_decides_the_same_whatever_the_number_of_workers(tmp_path):
+    planted_duplicates(tmp_path / "data", num_eval=4, copies_per_image=1, num_others=4, shard_size=4)
+    shards, against = tmp_path / "data" / "shards", tmp_path / "data" / "eval"
+    original = sorted(against.rglob("*.JPEG"))[0]
+    write_tar(shards / "pretrain-000009.tar", [("same.jpg", original.read_bytes()), ("same.json", b"{}")])
+    config = DedupConfig(descriptor=f"sscd:{_random_sscd_weights(tmp_path / 'sscd_random.torchvision.pt')}")
+    decisions = []
+    for workers in (1, 2):
+        run_dedup(str(shards), [str(against)], tmp_path / f"out{workers}", config, workers=workers, threads=1)
+        folder = tmp_path / f"out{workers}" / "_dedup" / "decisions"
+        decisions.append({p.name: p.read_bytes() for p in sorted(folder.glob("*.json"))})
+    assert decisions[0] == decisions[1] and len(decisions[0]) == 3
+    same = json.loads(decisions[0]["pretrain-000009.tar.json"])["samples"][0]
+    expected = f"eval/{original.parent.name}/{original.stem}"
+    assert same["match"] == expected and same["score"] >= 0.999  # an exact copy: the same descriptor
+    others = [r["score"] for name in decisions[0] for r in json.loads(decisions[0][name])["samples"]]
+    assert min(others) < 0.999, "every image has the same descriptor: the test would not see a wrong match"
+    report = json.loads((tmp_path / "out1" / REPORT_FILE).read_text())
+    assert {"key": "same", "match": expected, "score": same["score"]} in report["shards"]["pretrain-000009.tar"][
+        "copies"
+    ]
+
+
+def test_a_missing_or_malformed_sscd_weights_file_is_a_one_line_error(tmp_path):
+    import torch
+    from torchvision.models import resnet18
+
+    from wsl.dedup.sscd import load_sscd, sscd_path
+    from wsl.errors import WslError
+
+    wrong = tmp_path / "resnet18.pt"
+    torch.save(resnet18().state_dict(), wrong)
+    truncated = tmp_path / "truncated.torchvision.pt"
+    truncated.write_bytes(_random_sscd_weights(tmp_path / "whole.pt").read_bytes()[:5000])
+    for path, message in [(wrong, "not SSCD torchvision weights"), (truncated, "unreadable or truncated")]:
+        with pytest.raises(WslError, match=message) as raised:
+            load_sscd(sscd_path(f"sscd:{path}"))
+        assert "\n" not in str(raised.value)
+    with pytest.raises(WslError, match="expected pixels or sscd:PATH"):
+        DedupConfig(descriptor="clip")
+    shards, against = _small_set(tmp_path)  # through the command: exit code 2, one line
+    result = _dedup(shards, against, tmp_path / "o", f"descriptor=sscd:{tmp_path / 'nowhere.pt'}")
+    _, stderr = result.communicate(timeout=300)
+    assert result.returncode == 2 and "SSCD weights not found" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr

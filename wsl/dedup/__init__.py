@@ -20,8 +20,11 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    correlate above 0.95 once aligned; their details do not, while a copy's survive JPEG
    quality 30 and a 2x downscale.
 
-A learned copy-detection embedding (SSCD) would be stronger against heavy edits, but needs
-weights that nothing here may download; pixels need none. Costs: BENCHMARKS.md.
+`descriptor=sscd:PATH` uses a learned copy-detection embedding instead (SSCD,
+`wsl.dedup.sscd`; DINOv2's data curation de-duplicates with it): stronger against heavy edits
+(borders, overlays, rotations), fast on a GPU, but its weights must be fetched by the user:
+nothing here downloads them. Pixels need none. Recall per edit, false removals and costs:
+BENCHMARKS.md (`make bench-dedup`).
 
 Input shards are processed in parallel, one task a shard, each writing its decisions
 (`decisions/<shard>.json`) through a rename; byte duplicates are then resolved in shard

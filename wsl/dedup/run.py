@@ -20,7 +20,14 @@ from tqdm import tqdm
 
 from wsl.config import REQUIRED, option
 from wsl.data.shards import SIZES_FILE, TAR_MTIME, expand_shard_spec, read_shard_samples, sample_image_bytes
-from wsl.dedup.index import DECODE_ERRORS, FORMAT, DedupConfig, EvalIndex, decode_small, image_for_matching
+from wsl.dedup.index import (
+    DECODE_ERRORS,
+    FORMAT,
+    DedupConfig,
+    build_index,
+    decode_small,
+    open_index,
+)
 from wsl.errors import WslError
 from wsl.files import write_atomic, write_json
 from wsl.parts import PartKeys, read_records, this_part, write_record
@@ -36,7 +43,11 @@ def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 2
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    index = EvalIndex.open(Path(work), DedupConfig(**config))
+    if config["descriptor"] != "pixels":  # a network: torch's threads too (pixels never import torch)
+        import torch
+
+        torch.set_num_threads(threads)
+    index = open_index(Path(work), DedupConfig(**config))
     records: list[dict] = []
     pending: list[tuple[dict, Image.Image]] = []
 
@@ -53,7 +64,7 @@ def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 2
         record = {"key": sample["__key__"], "sha256": hashlib.sha256(data).hexdigest()}
         records.append(record)
         try:
-            pending.append((record, image_for_matching(data)))
+            pending.append((record, index.decode(data)))
         except DECODE_ERRORS as exn:
             record["corrupt"] = str(exn) or type(exn).__name__
         if len(pending) == batch:
@@ -190,7 +201,7 @@ def classify_decisions(decision_files: list[Path], threshold: float, work: Path)
         yield decisions["shard"], entry
 
 
-def _picture(urls: list[str], per_shard: dict[str, dict], index: EvalIndex, path: Path, examples: int = 8) -> None:
+def _picture(urls: list[str], per_shard: dict[str, dict], index, path: Path, examples: int = 8) -> None:
     """Example matches: each row a removed pretraining image beside the evaluation image it copies."""
     rows: list[list] = []
     captions: list[str] = []
@@ -250,9 +261,9 @@ def run_dedup(
     write_json(settings_file, settings)
 
     if (work / "eval-keys.json").is_file():
-        index = EvalIndex.open(work, config)
+        index = open_index(work, config)
     else:
-        index, _ = EvalIndex.build([str(a) for a in against], config, work)
+        index = build_index([str(a) for a in against], config, work)
     eval_skipped = json.loads((work / "eval-keys.json").read_text())["skipped"]
 
     decisions_file = {url: work / "decisions" / f"{Path(url).name}.json" for url in urls}
@@ -280,7 +291,7 @@ def run_dedup(
 
     sizes, per_shard = {}, {}
     (work / "kept").mkdir(exist_ok=True)
-    for name, entry in classify_decisions([decisions_file[url] for url in urls], config.threshold, work):
+    for name, entry in classify_decisions([decisions_file[url] for url in urls], config.copy_threshold, work):
         write_json(work / "kept" / f"{name}.json", entry.pop("keep"))  # one shard's list at a time
         sizes[name] = entry["samples"] - sum(len(entry[what]) for what in ("copies", "exact_duplicates", "corrupt"))
         per_shard[name] = entry | {"kept": sizes[name]}  # what was removed, and why
