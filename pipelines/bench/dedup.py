@@ -124,21 +124,19 @@ def main() -> None:
     print(f"default threshold: {config.copy_threshold:.2f}")
 
     urls = sorted(str(p) for p in (out / "data" / "shards").glob("*.tar"))
-    images = [sample_image_bytes(s) for s in read_shard_samples(urls)]
+    samples = [(s["__key__"], sample_image_bytes(s)) for s in read_shard_samples(urls)]
     tick = time.perf_counter()
-    for data in images:
+    for _, data in samples:
         Image.open(io.BytesIO(data)).convert("RGB")
-    plain = len(images) / (time.perf_counter() - tick)
-    non_copies = [
-        sample_image_bytes(s) for s in read_shard_samples(urls) if truth.get(s["__key__"], ("non", None))[1] is None
-    ]
+    plain = len(samples) / (time.perf_counter() - tick)
+    non_copies = [data for key, data in samples if truth.get(key, ("non", None))[1] is None]
     index = open_index(filtered / "_dedup", config)
     tick = time.perf_counter()
     for start in range(0, len(non_copies), 256):
         index.match([index.decode(d) for d in non_copies[start : start + 256]])
     non_copy_rate = len(non_copies) / (time.perf_counter() - tick)
     per_core = report["input_samples"] / seconds
-    print(f"plain full decode of the same {len(images)} images: {plain:,.0f} images/s on 1 core")
+    print(f"plain full decode of the same {len(samples)} images: {plain:,.0f} images/s on 1 core")
     print(f"non-copies alone (decode + scoring, no index build): {non_copy_rate:,.0f} images/s on 1 core")
     print(
         f"de-duplication, whole run on 1 core: {per_core:,.0f} images/s; 1 billion images: "

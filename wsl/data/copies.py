@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 Edit = Callable[[Image.Image, np.random.Generator], Image.Image]
 
@@ -100,10 +100,7 @@ def _caption_band(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(image)
     band = round(image.height * 0.16)
     draw.rectangle((0, image.height - band, image.width, image.height), fill=(0, 0, 0))
-    size = max(8, band // 3)
-    from PIL import ImageFont
-
-    font = ImageFont.load_default(size=size)
+    font = ImageFont.load_default(size=max(8, band // 3))
     words = ["when the weekend", "finally arrives", "#blessed #nofilter", "tag a friend who"]
     draw.text((image.width * 0.05, image.height - band * 0.8), words[int(rng.integers(0, 4))], fill="white", font=font)
     draw.text((image.width * 0.05, image.height - band * 0.4), words[int(rng.integers(0, 4))], fill="white", font=font)
@@ -135,8 +132,6 @@ def _stickers(image: Image.Image, rng: np.random.Generator) -> Image.Image:
                 ],
                 fill=(230, 20, 60),
             )
-    from PIL import ImageFont
-
     font = ImageFont.load_default(size=max(10, side // 12))
     draw.text(
         (image.width * 0.1, image.height * rng.uniform(0.1, 0.3)),

@@ -142,10 +142,10 @@ def evaluation_images(source: str) -> Iterator[tuple[str, bytes]]:
 
 def read_evaluation(
     sources: list[str], short_side: int, on_image: Callable[[Image.Image], None] | None = None
-) -> tuple[list[str], np.ndarray, list[float], list[tuple[str, str]]]:
-    """(keys, STORE x STORE RGB images, aspect ratios, skipped (key, reason)) of every image of
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(keys, STORE x STORE RGB images, skipped (key, reason)) of every image of
     `sources`, each decoded with its shorter side at least `short_side` and handed to `on_image`."""
-    keys, pixels, aspects, skipped = [], [], [], []
+    keys, pixels, skipped = [], [], []
     for source in sources:
         if not Path(source).exists() and "{" not in source and "://" not in source:
             raise WslError(f"evaluation set not found: {source}")
@@ -156,16 +156,15 @@ def read_evaluation(
                 skipped.append((key, f"corrupt image: {exn}"))
                 continue
             keys.append(key)
-            aspects.append(image.width / image.height)
             pixels.append(np.asarray(image.resize((STORE, STORE), Image.BOX, reducing_gap=None)))
             if on_image is not None:
                 on_image(image)
     if not keys:
         raise WslError(f"no evaluation images in {', '.join(sources)}")
-    return keys, np.stack(pixels), aspects, skipped
+    return keys, np.stack(pixels), skipped
 
 
-def write_evaluation(folder: Path, keys: list[str], store: np.ndarray, aspects: list[float], skipped: list) -> None:
+def write_evaluation(folder: Path, keys: list[str], store: np.ndarray, skipped: list) -> None:
     """The evaluation images' thumbnails and keys; the keys file last, as it marks the index complete."""
 
     def write_store(tmp: Path) -> None:
@@ -173,26 +172,48 @@ def write_evaluation(folder: Path, keys: list[str], store: np.ndarray, aspects: 
             np.save(stream, store)
 
     write_atomic(folder / "eval-store.npy", write_store)
-    write_json(folder / "eval-keys.json", {"keys": keys, "aspects": aspects, "skipped": skipped})
+    write_json(folder / "eval-keys.json", {"keys": keys, "skipped": skipped})
 
 
 def build_index(sources: list[str], config: DedupConfig, folder: Path) -> EvalIndex | SscdIndex:
     """The evaluation index of `config.descriptor` (pixels: `EvalIndex`, sscd:PATH: `SscdIndex`) built into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     if config.descriptor == "pixels":
-        return EvalIndex.build(sources, config, folder)[0]
+        return EvalIndex.build(sources, config, folder)
     from wsl.dedup.sscd import SscdIndex
 
     return SscdIndex.build(sources, config.descriptor, folder)
 
 
-def open_index(folder: Path, config: DedupConfig) -> EvalIndex | SscdIndex:
-    """The evaluation index built into `folder`, memory-mapped where it can be."""
+def open_index(folder: Path, config: DedupConfig, threads: int | None = None) -> EvalIndex | SscdIndex:
+    """The evaluation index built into `folder`, memory-mapped where it can be; a network, if the
+    descriptor has one, runs on `threads` CPU threads (default: torch's)."""
     if config.descriptor == "pixels":
         return EvalIndex.open(folder, config)
     from wsl.dedup.sscd import SscdIndex
 
-    return SscdIndex.open(folder, config.descriptor)
+    return SscdIndex.open(folder, config.descriptor, threads)
+
+
+def exact_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) of the `k` rows of `database` with the largest inner product with each
+    query, best first: a matrix product and a partial sort, a few queries at a time (at most ~32M
+    similarities held). On this project's CPUs it ran 17x faster than `faiss.knn` (BENCHMARKS.md)."""
+    similarity = np.zeros((len(queries), k), np.float32)
+    rows = np.zeros((len(queries), k), np.int64)
+    chunk = max(1, 32_000_000 // len(database))
+    for start in range(0, len(queries), chunk):
+        scores = queries[start : start + chunk] @ database.T
+        top = (
+            np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            if k < len(database)
+            else np.tile(np.arange(k), (len(scores), 1))
+        )
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        rows[start : start + chunk] = np.take_along_axis(top, order, axis=1)
+        similarity[start : start + chunk] = np.take_along_axis(top_scores, order, axis=1)
+    return similarity, rows
 
 
 class EvalIndex:
@@ -212,12 +233,11 @@ class EvalIndex:
         return image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
     @classmethod
-    def build(cls, sources: list[str], config: DedupConfig, folder: Path) -> tuple[EvalIndex, list[tuple[str, str]]]:
-        """Index every image of `sources` into `folder`; undecodable images are skipped and returned with a reason."""
-        keys, store, aspects, skipped = read_evaluation(sources, STORE)
+    def build(cls, sources: list[str], config: DedupConfig, folder: Path) -> EvalIndex:
+        """Index every image of `sources` into `folder` (undecodable ones are skipped, listed in the keys file)."""
+        keys, store, skipped = read_evaluation(sources, STORE)
         windows = crop_windows(config)
         total = len(keys) * 2 * len(windows)
-        folder.mkdir(parents=True, exist_ok=True)
         if config.index == "ivf" or (config.index == "auto" and total > config.ivf_above):
             cls._build_ivf(store, windows, config, folder / "eval-windows.faiss")
         else:
@@ -235,8 +255,8 @@ class EvalIndex:
 
             write_atomic(folder / "eval-windows.npy", write_windows)
 
-        write_evaluation(folder, keys, store, aspects, skipped)
-        return cls.open(folder, config), skipped
+        write_evaluation(folder, keys, store, skipped)
+        return cls.open(folder, config)
 
     @classmethod
     def _window_descriptors(cls, pixels: np.ndarray, windows: np.ndarray) -> np.ndarray:
@@ -288,26 +308,10 @@ class EvalIndex:
     def coarse_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest windows by inner product: exact over the memory-mapped descriptors, or through the IVF index.
 
-        The exact search is a matrix product and a partial sort, a few queries at a time (similarities
-        of at most ~32M pairs held): on this project's CPUs it ran 17x faster than `faiss.knn`'s."""
+        The exact search is `exact_search`."""
         if not isinstance(self.windows_index, np.ndarray):
             return self.windows_index.search(queries, k)
-        windows = self.windows_index
-        similarity = np.zeros((len(queries), k), np.float32)
-        rows = np.zeros((len(queries), k), np.int64)
-        chunk = max(1, 32_000_000 // len(windows))
-        for start in range(0, len(queries), chunk):
-            scores = queries[start : start + chunk] @ windows.T
-            top = (
-                np.argpartition(-scores, k - 1, axis=1)[:, :k]
-                if k < len(windows)
-                else np.tile(np.arange(k), (len(scores), 1))
-            )
-            top_scores = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            rows[start : start + chunk] = np.take_along_axis(top, order, axis=1)
-            similarity[start : start + chunk] = np.take_along_axis(top_scores, order, axis=1)
-        return similarity, rows
+        return exact_search(queries, self.windows_index, k)
 
     def _verify(self, query: Image.Image, row: int) -> float:
         """Detail correlation of `query` with the window near index row `row` that fits it best.

@@ -43,11 +43,7 @@ def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 2
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    if config["descriptor"] != "pixels":  # a network: torch's threads too (pixels never import torch)
-        import torch
-
-        torch.set_num_threads(threads)
-    index = open_index(Path(work), DedupConfig(**config))
+    index = open_index(Path(work), DedupConfig(**config), threads)
     records: list[dict] = []
     pending: list[tuple[dict, Image.Image]] = []
 

@@ -10,7 +10,7 @@ https://github.com/facebookresearch/sscd-copy-detection (MIT licence) and pass i
 Images are resized to SIZE x SIZE (SSCD's README resizes the shorter side to 288; a square lets
 images of any shape share a batch) and normalised with ImageNet's statistics. A sample's score
 is the cosine similarity of its descriptor with the nearest evaluation image's, searched
-exactly with FAISS; SSCD's authors call cosine > 0.75 a copy at 90% precision on DISC2021.
+exactly; SSCD's authors call cosine > 0.75 a copy at 90% precision on DISC2021.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def embed(model: nn.Module, images: list[Image.Image]) -> np.ndarray:
 
 
 class SscdIndex:
-    """The evaluation images' SSCD descriptors (`eval-sscd.npy`), searched exactly with FAISS;
+    """The evaluation images' SSCD descriptors (`eval-sscd.npy`), searched exactly (`exact_search`);
     the same interface as `EvalIndex` (`keys`, `store`, `match`)."""
 
     def __init__(self, keys: list[str], store: np.ndarray, descriptors: np.ndarray, model: nn.Module):
@@ -123,7 +123,7 @@ class SscdIndex:
                 chunks.append(embed(model, pending))
                 pending.clear()
 
-        keys, store, aspects, skipped = read_evaluation(sources, SIZE, on_image=add)
+        keys, store, skipped = read_evaluation(sources, SIZE, on_image=add)
         chunks.append(embed(model, pending))
 
         def write(tmp: Path) -> None:
@@ -131,11 +131,14 @@ class SscdIndex:
                 np.save(stream, np.concatenate(chunks).astype(np.float32))
 
         write_atomic(folder / "eval-sscd.npy", write)
-        write_evaluation(folder, keys, store, aspects, skipped)
+        write_evaluation(folder, keys, store, skipped)
         return cls.open(folder, descriptor)
 
     @classmethod
-    def open(cls, folder: Path, descriptor: str) -> SscdIndex:
+    def open(cls, folder: Path, descriptor: str, threads: int | None = None) -> SscdIndex:
+        """The index built into `folder`, its network on `threads` CPU threads (default: torch's)."""
+        if threads:
+            torch.set_num_threads(threads)
         keys = json.loads((folder / "eval-keys.json").read_text())["keys"]
         store = np.load(folder / "eval-store.npy", mmap_mode="r")
         return cls(keys, store, np.load(folder / "eval-sscd.npy"), _model_on_device(descriptor))
@@ -149,11 +152,11 @@ class SscdIndex:
 
     def match(self, images: list[Image.Image]) -> list[tuple[float, int]]:
         """(cosine similarity, evaluation image) of each image's nearest evaluation image."""
-        import faiss
+        from wsl.dedup.index import exact_search
 
         if not images:
             return []
-        similarity, rows = faiss.knn(embed(self.model, images), self.descriptors, 1, metric=faiss.METRIC_INNER_PRODUCT)
+        similarity, rows = exact_search(embed(self.model, images), self.descriptors, 1)
         return [(float(s[0]), int(r[0])) for s, r in zip(similarity, rows)]
 
 
