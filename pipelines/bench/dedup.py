@@ -106,21 +106,31 @@ def main() -> None:
     )
     seconds = time.time() - started
 
-    rows: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+    rows: dict[str, list[tuple[float, bool, bool]]] = defaultdict(list)  # (score, right image, of a photograph)
     for path in sorted((filtered / "_dedup" / "decisions").glob("*.json")):
         for record in json.loads(path.read_text())["samples"]:
             row, original = truth.get(record["key"], ("non-copies: demo images", None))
             right = original is None or record.get("match") == original
-            rows[row].append((record.get("score", 0.0), right))
+            rows[row].append((record.get("score", 0.0), right, str(original).startswith("eval/photos/")))
     print(
         f"descriptor: {config.descriptor}, window index: {args.index}; {report['evaluation_images']} evaluation images"
     )
-    print(f"{'row':>26} {'n':>5} " + " ".join(f"{t:>6.2f}" for t in THRESHOLDS) + "   (share removed at threshold)")
+    thresholds = sorted({*THRESHOLDS, config.copy_threshold})
+    print(
+        f"{'row':>26} {'n':>5} "
+        + " ".join(f"{t:>6.2f}" for t in thresholds)
+        + f" {'photos':>7}   (share removed at threshold; photos: real photographs' copies found at the default)"
+    )
     for row in ["demo: planted copies", *EDITS, *sorted(r for r in rows if r.startswith("non-copies"))]:
         found = rows[row]
         copies = not row.startswith("non-copies")
-        shares = [np.mean([score >= t and (right or not copies) for score, right in found]) for t in THRESHOLDS]
-        print(f"{row:>26} {len(found):>5} " + " ".join(f"{s:>6.1%}" if copies else f"{s:>6.2%}" for s in shares))
+        shares = [np.mean([score >= t and (right or not copies) for score, right, _ in found]) for t in thresholds]
+        photos = [score >= config.copy_threshold and right for score, right, photo in found if photo]
+        print(
+            f"{row:>26} {len(found):>5} "
+            + " ".join(f"{s:>6.1%}" if copies else f"{s:>6.2%}" for s in shares)
+            + (f" {sum(photos):>4}/{len(photos)}" if photos else "")
+        )
     print(f"default threshold: {config.copy_threshold:.2f}")
 
     urls = sorted(str(p) for p in (out / "data" / "shards").glob("*.tar"))

@@ -5,25 +5,29 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
 
 1. Retrieval. Every evaluation image is indexed as many windows: crops keeping at least
    `min_area` of it (each side >= `min_side`, on a grid of `window_step`) and their mirror
-   images, each a COARSE x COARSE RGB thumbnail with its mean colour removed and its contrast
-   normalised (so brightness, contrast and small colour shifts barely move it), L2-normalised,
-   in a FAISS inner-product index. A pretraining image is one thumbnail of its whole frame,
-   decoded in JPEG draft mode (the decoder scales by 1/2..1/8 for free). One of the windows
-   is within half a grid step of any crop, so the right evaluation image is among the
-   nearest `candidates` images.
+   images, each a COARSE x COARSE luminance thumbnail with its mean and contrast normalised
+   away (so brightness, contrast, colour filters and grayscale barely move it), L2-normalised,
+   searched exactly (or, for large sets, through a FAISS IVF index). A pretraining image is
+   one thumbnail of its whole frame, decoded in JPEG draft mode (the decoder scales by
+   1/2..1/8 for free). One of the windows is within half a grid step of any crop, so the right
+   evaluation image is among the nearest `candidates` images. An image whose photo may sit
+   inside a plain frame, letterbox or screenshot bars (rows and columns that are digitally
+   flat) or on a story's blurred background (smooth rows) is also searched as that photo
+   alone: there the original is inside the copy, not the copy inside the original.
 2. Verification. For each of the `candidates` nearest evaluation images, the window is
    refined by coordinate ascent (edges, position, size): first on the whole FINE x FINE
    thumbnail, which lines up the objects, then on its detail (what the thumbnail holds beyond
    4 x 4-pixel block averages: texture, edges), which lines up the texture. The score is the
-   correlation of the details; a sample is a copy when it reaches `threshold`. Whole
-   thumbnails of two different images with a similar object on a similar background can
-   correlate above 0.95 once aligned; their details do not, while a copy's survive JPEG
-   quality 30 and a 2x downscale.
+   correlation of the details (of the luminance when the pretraining image is grayscale); a
+   sample is a copy when it reaches `threshold`. Whole thumbnails of two different images
+   with a similar object on a similar background can correlate above 0.95 once aligned; their
+   details do not, while a copy's survive JPEG quality 30 and a 2x downscale.
 
 `descriptor=sscd:PATH` uses a learned copy-detection embedding instead (SSCD,
-`wsl.dedup.sscd`; DINOv2's data curation de-duplicates with it): stronger against heavy edits
-(borders, overlays, rotations), fast on a GPU, but its weights must be fetched by the user:
-nothing here downloads them. Pixels need none. Recall per edit, false removals and costs:
+`wsl.dedup.sscd`; DINOv2's data curation de-duplicates with it): trained for the edits the
+pixels still miss (rotations, stickers, a photo on a blurred background), fast on a GPU, but
+its weights must be fetched by the user: nothing here downloads them. Pixels need none.
+Recall per edit, false removals and costs:
 BENCHMARKS.md (`make bench-dedup`).
 
 Input shards are processed in parallel, one task a shard, each writing its decisions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 COARSE = 16  # retrieval thumbnail side
 FINE = 48  # verification thumbnail side
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
-FORMAT = "wsl-dedup-1"
+FORMAT = "wsl-dedup-2"
 # Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
 # IVF index) deadlocks the child's first OpenMP call.
 RERANK = 64  # IVF hits re-ranked by exact similarity
@@ -50,6 +51,11 @@ class DedupConfig:
     )
     prefilter: float = option(0.6, "retrieval similarity below which a sample is not verified at all")
     candidates: int = option(1, "nearest evaluation images verified per sample: verification is the cost", minimum=1)
+    align_min: float = option(
+        0.6,
+        "whole-image correlation, once aligned, below which the detail is scored where it stands instead of "
+        "refined (no copy on `make bench-dedup` aligned below 0.68; most verified non-copies do)",
+    )
     min_area: float = option(0.68, "smallest crop (fraction of the area) the windows cover", above=0)
     min_side: float = option(0.7, "smallest crop side (fraction) the windows cover", above=0)
     window_step: float = option(0.05, "grid of the windows' edges (fraction)", above=0)
@@ -58,7 +64,7 @@ class DedupConfig:
     )
     index: str = option(
         "auto",
-        "window index: flat (exact, ~3 KB a window), ivf (PCA + IVF + 8-bit codes, ~130 B "
+        "window index: flat (exact, 1 KB a window), ivf (PCA + IVF + 8-bit codes, ~136 B "
         "a window), auto: ivf above ivf_above windows (~4,000 images)",
         choices=("auto", "flat", "ivf"),
     )
@@ -86,8 +92,24 @@ def decode_small(data: bytes, short_side: int) -> Image.Image:
         return image.convert("RGB")
 
 
+def pixels_of(image: Image.Image) -> np.ndarray:
+    """An RGB or grayscale ("L") image as an H x W x C uint8 array."""
+    return np.asarray(image).reshape(image.height, image.width, -1)
+
+
+def luminance(pixels: np.ndarray) -> np.ndarray:
+    """H x W x 3 RGB -> H x W x 1 luminance (ITU-R 601, as PIL's "L"), float32."""
+    return (pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+
+
+def is_grayscale(image: Image.Image) -> bool:
+    """Whether an RGB image has (next to) no colour: a grayscale copy is compared on luminance alone."""
+    pixels = np.asarray(image.resize((32, 32), Image.BOX, reducing_gap=None), dtype=np.int16)
+    return int(np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max()) <= 6
+
+
 def normalised(thumbnail: np.ndarray) -> np.ndarray:
-    """A thumbnail (H x W x 3) as a unit vector, blind to its mean colour and its contrast."""
+    """A thumbnail (H x W x C) as a unit vector, blind to its mean colour and its contrast."""
     t = thumbnail.astype(np.float32)
     t -= t.mean(axis=(0, 1))
     t /= t.std() + 4.0  # + 4: flat images stay near zero instead of amplifying JPEG noise
@@ -99,15 +121,101 @@ def detail(pixels: np.ndarray, block: int = 4) -> np.ndarray:
     """What a thumbnail holds beyond its block x block averages (texture, edges), as a unit vector."""
     t = pixels.astype(np.float32)
     n = t.shape[0] // block
-    low = t.reshape(n, block, n, block, 3).mean(axis=(1, 3))
+    low = t.reshape(n, block, n, block, t.shape[2]).mean(axis=(1, 3))
     t -= np.repeat(np.repeat(low, block, axis=0), block, axis=1)
     flat = t.ravel()
     return flat / max(float(np.linalg.norm(flat)), 1e-6)
 
 
-def thumbnail(image: Image.Image, size: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """The normalised descriptor of `box` (pixels) of `image`, area-averaged to size x size."""
-    return normalised(np.asarray(image.resize((size, size), Image.BOX, box=box, reducing_gap=None)))
+def thumbnail(image: Image.Image, size: int) -> np.ndarray:
+    """The normalised descriptor of `image` (RGB or "L"), area-averaged to size x size."""
+    return normalised(pixels_of(image.resize((size, size), Image.BOX, reducing_gap=None)))
+
+
+def retrieval_descriptor(image: Image.Image) -> np.ndarray:
+    """What retrieval compares: the normalised luminance at COARSE x COARSE (grayscale copies and
+    colour filters look like their originals)."""
+    return normalised(luminance(np.asarray(image.resize((COARSE, COARSE), Image.BOX, reducing_gap=None))))
+
+
+def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
+    """Boxes (pixels) that may hold a photo placed inside a larger canvas, found twice:
+    - inside borders that are flat (a frame, letterbox or screenshot bars): lines (rows, then
+      columns) where 90% of the pixels are within 2 grey levels of the line's median: digital
+      borders are, even with a line of text on them; photographed skies and walls are not;
+    - inside borders that are smooth (a story's blurred background): lines whose mean step
+      between neighbouring pixels is under a quarter of the image's 90th-percentile line's.
+    Each box is the longest run of other rows, then of other columns within it, moved 1% inward;
+    boxes over 98% of the area (bars a few pixels thick still change a thumbnail a lot) or
+    under 20% of it are left out, and so is a repeated one."""
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    boxes: list[tuple[int, int, int, int]] = []
+    for border in (_flat_lines, _smooth_lines):
+        top, bottom = _longest_run(~border(grey))
+        left, right = _longest_run(~border(grey[top:bottom].T))
+        if 0.2 <= (bottom - top) * (right - left) / grey.size <= 0.98:
+            dy, dx = round(0.01 * (bottom - top)), round(0.01 * (right - left))
+            box = (left + dx, top + dy, right - dx, bottom - dy)
+            if box not in boxes:
+                boxes.append(box)
+    return boxes
+
+
+def _flat_lines(grey: np.ndarray) -> np.ndarray:
+    """Which rows of a grey image are flat: 90% of their pixels within 2 grey levels of their median."""
+    if not grey.size:
+        return np.zeros(len(grey), bool)
+    return (np.abs(grey - np.median(grey, axis=1, keepdims=True)) <= 2).mean(axis=1) >= 0.9
+
+
+def _smooth_lines(grey: np.ndarray) -> np.ndarray:
+    """Which rows of a grey image are smooth: their mean step between neighbouring pixels under a
+    quarter of the 90th percentile of the rows'."""
+    if grey.shape[1] < 2:
+        return np.zeros(len(grey), bool)
+    steps = np.abs(np.diff(grey, axis=1)).mean(axis=1)
+    return steps < 0.25 * np.percentile(steps, 90)
+
+
+def _longest_run(mask: np.ndarray) -> tuple[int, int]:
+    """(start, end) of the longest run of True in a 1-d mask; (0, 0) if none."""
+    edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
+    if not len(edges):
+        return 0, 0
+    starts, ends = edges[::2], edges[1::2]
+    longest = int(np.argmax(ends - starts))
+    return int(starts[longest]), int(ends[longest])
+
+
+def _coverage(intervals: np.ndarray, size: int, length: int) -> np.ndarray:
+    """[K, size, length]: the weights that average `size` equal cells between each interval's
+    ends (pixels, fractional) over `length` pixels: each cell's overlap with each pixel, summing to 1."""
+    edges = intervals[:, :1] + (intervals[:, 1:] - intervals[:, :1]) * np.linspace(0, 1, size + 1)
+    pixel = np.arange(length)
+    overlap = np.minimum(edges[:, 1:, None], pixel + 1) - np.maximum(edges[:, :-1, None], pixel)
+    overlap = np.clip(overlap, 0, None)
+    return overlap / overlap.sum(axis=2, keepdims=True)
+
+
+def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int, luminance_only: bool = True) -> np.ndarray:
+    """The normalised descriptors [W, size * size * C] of windows (fractions) of an H x W x 3 image
+    (of its luminance by default, as `retrieval_descriptor`),
+    each window area-averaged to size x size. Windows share few distinct x and y intervals, so
+    every row interval is averaged once, then every column interval, by two matrix products
+    (exact area averages; ~5x faster than one PIL resize a window)."""
+    pixels = luminance(pixels) if luminance_only else pixels
+    height, width, channels = pixels.shape
+    xs, x_of = np.unique(windows[:, [0, 2]], axis=0, return_inverse=True)
+    ys, y_of = np.unique(windows[:, [1, 3]], axis=0, return_inverse=True)
+    across = _coverage(xs * width, size, width).astype(np.float32).reshape(-1, width)
+    down = _coverage(ys * height, size, height).astype(np.float32).reshape(-1, height)
+    rows = (down @ pixels.astype(np.float32).reshape(height, width * channels)).reshape(-1, width, channels)
+    cells = rows.transpose(0, 2, 1).reshape(-1, width) @ across.T  # [Ky * size * C, Kx * size]
+    cells = cells.reshape(len(ys), size, channels, len(xs), size).transpose(0, 3, 1, 4, 2)
+    t = cells[y_of.ravel(), x_of.ravel()].reshape(len(windows), size * size, channels)
+    t -= t.mean(axis=1, keepdims=True)
+    t = t.reshape(len(windows), -1)
+    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-6)
 
 
 def crop_windows(config: DedupConfig) -> np.ndarray:
@@ -126,7 +234,7 @@ def crop_windows(config: DedupConfig) -> np.ndarray:
 
 
 def _pixel_box(window: np.ndarray, size: int) -> tuple[float, float, float, float]:
-    return tuple(float(v) * size for v in window)  # type: ignore[return-value]
+    return tuple((window * size).tolist())  # type: ignore[return-value]
 
 
 def evaluation_images(source: str) -> Iterator[tuple[str, bytes]]:
@@ -195,23 +303,30 @@ def open_index(folder: Path, config: DedupConfig, threads: int | None = None) ->
     return SscdIndex.open(folder, config.descriptor, threads)
 
 
-def exact_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(queries: np.ndarray, database: np.ndarray, k: int, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) of the `k` rows of `database` with the largest inner product with each
     query, best first: a matrix product and a partial sort, a few queries at a time (at most ~32M
-    similarities held). On this project's CPUs it ran 17x faster than `faiss.knn` (BENCHMARKS.md)."""
+    similarities held). With `group` > 1, consecutive rows form groups (an image's windows) and
+    only each group's best row competes: the `k` best groups. On this project's CPUs it ran 17x
+    faster than `faiss.knn` (BENCHMARKS.md)."""
     similarity = np.zeros((len(queries), k), np.float32)
     rows = np.zeros((len(queries), k), np.int64)
     chunk = max(1, 32_000_000 // len(database))
     for start in range(0, len(queries), chunk):
         scores = queries[start : start + chunk] @ database.T
+        if group > 1:
+            grouped = scores.reshape(len(scores), -1, group)
+            within = grouped.argmax(axis=2)
+            scores = np.take_along_axis(grouped, within[..., None], axis=2)[..., 0]
         top = (
             np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            if k < len(database)
+            if k < scores.shape[1]
             else np.tile(np.arange(k), (len(scores), 1))
         )
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
-        rows[start : start + chunk] = np.take_along_axis(top, order, axis=1)
+        top = np.take_along_axis(top, order, axis=1)
+        rows[start : start + chunk] = top * group + np.take_along_axis(within, top, axis=1) if group > 1 else top
         similarity[start : start + chunk] = np.take_along_axis(top_scores, order, axis=1)
     return similarity, rows
 
@@ -228,9 +343,9 @@ class EvalIndex:
         self.per_image = 2 * len(self.windows)
 
     @staticmethod
-    def _views(pixels: np.ndarray) -> tuple[Image.Image, Image.Image]:
-        image = Image.fromarray(pixels)
-        return image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    def _views(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An evaluation image and its mirror image."""
+        return pixels, pixels[:, ::-1]
 
     @classmethod
     def build(cls, sources: list[str], config: DedupConfig, folder: Path) -> EvalIndex:
@@ -244,7 +359,7 @@ class EvalIndex:
 
             def write_windows(tmp: Path) -> None:
                 descriptors = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.float32, shape=(total, 3 * COARSE * COARSE)
+                    tmp, mode="w+", dtype=np.float32, shape=(total, COARSE * COARSE)
                 )
                 per_image = 2 * len(windows)
                 for i, image_pixels in enumerate(
@@ -261,9 +376,7 @@ class EvalIndex:
     @classmethod
     def _window_descriptors(cls, pixels: np.ndarray, windows: np.ndarray) -> np.ndarray:
         """The coarse descriptors of every window of an image, then of its mirror: [2W, D]."""
-        return np.stack(
-            [thumbnail(view, COARSE, _pixel_box(window, STORE)) for view in cls._views(pixels) for window in windows]
-        )
+        return np.concatenate([window_thumbnails(view, windows, COARSE) for view in cls._views(pixels)])
 
     @classmethod
     def _build_ivf(cls, store: np.ndarray, windows: np.ndarray, config: DedupConfig, path: Path) -> None:
@@ -275,9 +388,7 @@ class EvalIndex:
         nlist = config.nlist or max(1, int(4 * math.sqrt(total)))
         train_images = min(len(store), max(1, -(-max(64 * nlist, 100_000) // per_image)))
         sample = np.unique(np.linspace(0, len(store) - 1, train_images).astype(int))
-        index = faiss.index_factory(
-            3 * COARSE * COARSE, f"PCA{config.pca_dim},IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT
-        )
+        index = faiss.index_factory(COARSE * COARSE, f"PCA{config.pca_dim},IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
         index.train(np.concatenate([cls._window_descriptors(store[i], windows) for i in sample]))
         for start in tqdm(
             range(0, len(store), 256), desc="indexing evaluation windows (IVF)", unit=" x256 images", dynamic_ncols=True
@@ -305,32 +416,55 @@ class EvalIndex:
         """A pretraining image as `match` takes it: decoded small enough to be cheap (JPEG draft mode)."""
         return decode_small(data, 2 * FINE)
 
-    def coarse_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest windows by inner product: exact over the memory-mapped descriptors, or through the IVF index.
-
-        The exact search is `exact_search`."""
+    def coarse_search(self, queries: np.ndarray, images: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest windows by inner product, best first: exactly over the memory-mapped descriptors
+        (each of the `images` nearest evaluation images' best window), or through the IVF index
+        (enough windows to hold that many images' best, re-ranked by `_exact_order`)."""
         if not isinstance(self.windows_index, np.ndarray):
-            return self.windows_index.search(queries, k)
-        return exact_search(queries, self.windows_index, k)
+            return self.windows_index.search(queries, min(len(self.keys), images) * self.per_image)
+        return exact_search(queries, self.windows_index, min(len(self.keys), images), group=self.per_image)
 
     def _verify(self, query: Image.Image, row: int) -> float:
         """Detail correlation of `query` with the window near index row `row` that fits it best.
 
         Coordinate ascent over the window's edges, position and size: first on the whole
-        FINE thumbnail (brings the objects into line), then on its detail (lines up the texture)."""
-        image, window = self._window(row)
-        whole = thumbnail(query, FINE)
-        query_detail = detail(np.asarray(query.resize((FINE, FINE), Image.BOX, reducing_gap=None)))
+        FINE thumbnail (brings the objects into line), then on its detail (lines up the texture).
+        A grayscale query is compared on luminance, a colour one in RGB."""
+        grayscale = is_grayscale(query)
+        if grayscale:
+            query = query.convert("L")
+        whole = thumbnail(query, FINE)  # zero mean in each channel, unit length
+        query_detail = detail(pixels_of(query.resize((FINE, FINE), Image.BOX, reducing_gap=None)))  # zero block means
+        channels = 1 if grayscale else 3
+        ones = np.ones(FINE * FINE)
 
-        def whole_correlation(w: np.ndarray) -> float:
-            return float(whole @ thumbnail(image, FINE, _pixel_box(w, STORE)))
+        def window_pixels(image: Image.Image, w: np.ndarray) -> np.ndarray:
+            resized = image.resize((FINE, FINE), Image.BOX, box=_pixel_box(w, STORE), reducing_gap=None)
+            return np.frombuffer(resized.tobytes(), np.uint8).astype(np.float64)
 
-        def detail_correlation(w: np.ndarray) -> float:
-            pixels = np.asarray(image.resize((FINE, FINE), Image.BOX, box=_pixel_box(w, STORE), reducing_gap=None))
-            return float(query_detail @ detail(pixels))
+        # Correlations without normalising each trial: as the query's vector sums to zero over each
+        # channel (over each block), its product with the window's equals that with the window's
+        # centred vector (its detail), whose length follows from the sums of squares. (Sums by
+        # matrix product and by adding slices: numpy's strided `sum` took most of the time.)
+        def whole_correlation(image: Image.Image, w: np.ndarray) -> float:
+            b = window_pixels(image, w)
+            sums = ones @ b.reshape(-1, channels)
+            return _correlation(whole @ b, b @ b - sums @ sums / (FINE * FINE))
 
-        window, _ = _ascend(whole_correlation, window, (0.02, 0.01, 0.005))
-        _, best = _ascend(detail_correlation, window, (0.005, 0.0025))
+        def detail_correlation(image: Image.Image, w: np.ndarray) -> float:
+            b = window_pixels(image, w)
+            lines = b.reshape(FINE // 4, 4, FINE * channels)
+            lines = (lines[:, 0] + lines[:, 1] + lines[:, 2] + lines[:, 3]).reshape(FINE // 4, FINE // 4, 4, channels)
+            sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
+            return _correlation(query_detail @ b, b @ b - (sums * sums).sum() / 16)
+
+        pixels, window = self._window(row)
+        image = Image.fromarray(np.ascontiguousarray(pixels))
+        image = image.convert("L") if grayscale else image
+        window, aligned = _ascend(functools.partial(whole_correlation, image), window, (0.02, 0.01))
+        if aligned < self.config.align_min:  # not a copy: refining the detail would cost a third more
+            return detail_correlation(image, window)
+        _, best = _ascend(functools.partial(detail_correlation, image), window, (0.005, 0.0025))
         return best
 
     def _exact_order(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -340,61 +474,75 @@ class EvalIndex:
         order = np.argsort(-exact, kind="stable")
         return exact[order], rows[order]
 
-    def _window(self, row: int) -> tuple[Image.Image, np.ndarray]:
+    def _window(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """What index row `row` stands for: the evaluation image (or its mirror) and the window's fractions."""
         owner, rest = divmod(int(row), self.per_image)
         flip, window_id = divmod(rest, len(self.windows))
         return self._views(np.asarray(self.store[owner]))[flip], self.windows[window_id].copy()
 
     def _window_thumbnail(self, row: int, size: int) -> np.ndarray:
-        image, window = self._window(row)
-        return thumbnail(image, size, _pixel_box(window, STORE))
+        pixels, window = self._window(row)
+        return window_thumbnails(pixels, window[None], size)[0]
 
     def match(self, images: list[Image.Image]) -> list[tuple[float, int]]:
-        """(verification score, evaluation image) of each pretraining image's best match; (0, -1) if none."""
+        """(verification score, evaluation image) of each pretraining image's best match; (0, -1) if none.
+
+        An image that may hold a photo inside a frame, bars or a blurred background
+        (`content_boxes`) is also searched and verified as that photo alone; the best score is
+        the image's."""
         if not images:
             return []
-        coarse = np.stack(
-            [normalised(np.asarray(im.resize((COARSE, COARSE), Image.BOX, reducing_gap=None))) for im in images]
-        )
-        similarity, rows = self.coarse_search(
-            coarse, min(len(self.keys) * self.per_image, self.config.candidates * self.per_image)
-        )
-        results = []
-        for image, query, sims, found in zip(images, coarse, similarity, rows):
-            if not isinstance(self.windows_index, np.ndarray):
-                sims, found = self._exact_order(query, found[found >= 0][:RERANK])
-            best, seen = (0.0, -1), set()
-            if len(found) and sims[0] >= self.config.prefilter:
+        views = [[image, *(image.crop(box) for box in content_boxes(image))] for image in images]
+        flat = [view for image_views in views for view in image_views]
+        coarse = np.stack([retrieval_descriptor(view) for view in flat])
+        similarity, rows = self.coarse_search(coarse, self.config.candidates)
+        results, view_id = [], 0
+        for image_views in views:
+            best = (0.0, -1)
+            for view in image_views:
+                query, sims, found = coarse[view_id], similarity[view_id], rows[view_id]
+                view_id += 1
+                if not isinstance(self.windows_index, np.ndarray):
+                    sims, found = self._exact_order(query, found[found >= 0][:RERANK])
+                if not len(found) or sims[0] < self.config.prefilter or best[0] >= self.config.copy_threshold:
+                    continue
+                verified: set[int] = set()
                 for row in found:  # nearest windows first: the first of each image is its starting point
                     owner = int(row) // self.per_image
-                    if row < 0 or owner in seen:
+                    if row < 0 or owner in verified:
                         continue
-                    seen.add(owner)
-                    score = self._verify(image, row)
+                    verified.add(owner)
+                    score = self._verify(view, int(row))
                     if score > best[0]:
                         best = (score, owner)
-                    if len(seen) == self.config.candidates:
+                    if len(verified) == self.config.candidates:
                         break
             results.append(best)
         return results
+
+
+def _correlation(product: float, spread: float) -> float:
+    """A unit vector's product with a centred vector, divided by that vector's length (the
+    square root of `spread`, its sum of squares); 0 for a flat one (spread under one grey level squared)."""
+    return float(product) / math.sqrt(spread) if spread > 1.0 else 0.0
 
 
 def _ascend(objective, window: np.ndarray, steps: tuple[float, ...]) -> tuple[np.ndarray, float]:
     """Coordinate ascent of objective(window) over single edges, shifts and scalings."""
     best = objective(window)
     for step in steps:
+        deltas = [sign * step * move for move in _MOVES for sign in (-1, 1)]
         improved = True
         while improved:
             improved = False
-            for move in _MOVES:
-                for sign in (-1, 1):
-                    trial = np.clip(window + sign * step * move, 0, 1)
-                    if trial[2] - trial[0] < 0.5 or trial[3] - trial[1] < 0.5:
-                        continue
-                    value = objective(trial)
-                    if value > best:
-                        best, window, improved = value, trial, True
+            for delta in deltas:
+                trial = window + delta
+                trial.clip(0, 1, out=trial)
+                if trial[2] - trial[0] < 0.5 or trial[3] - trial[1] < 0.5:
+                    continue
+                value = objective(trial)
+                if value > best:
+                    best, window, improved = value, trial, True
     return window, best
 
 

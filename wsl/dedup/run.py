@@ -38,12 +38,30 @@ REPORT_FILE = "dedup_report.json"
 PICTURE_FILE = "dedup_matches.png"
 
 
-def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 256) -> dict:
-    """Task: every sample of one shard scored against the evaluation index -> decisions/<shard>.json."""
+def _start_worker(workers_started) -> None:
+    """Worker initialiser: the n-th worker of a machine uses GPU n mod the GPUs there are (an SSCD
+    network on every worker would otherwise share cuda:0)."""
+    with workers_started.get_lock():
+        number = workers_started.value
+        workers_started.value += 1
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(number % torch.cuda.device_count())
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_index(work: str, config_json: str, threads: int):
+    """The evaluation index, opened once per worker process (an SSCD network loads once, not once a shard)."""
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    index = open_index(Path(work), DedupConfig(**config), threads)
+    return open_index(Path(work), DedupConfig(**json.loads(config_json)), threads)
+
+
+def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 256) -> dict:
+    """Task: every sample of one shard scored against the evaluation index -> decisions/<shard>.json."""
+    index = _worker_index(work, json.dumps(config, sort_keys=True), threads)
     records: list[dict] = []
     pending: list[tuple[dict, Image.Image]] = []
 
@@ -273,7 +291,9 @@ def run_dedup(
         total=len(mine), initial=len(mine) - len(pending), desc="de-duplicating", unit=" shards", dynamic_ncols=True
     )
     images, tick = 0, time.time()
-    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
+    with cf.ProcessPoolExecutor(
+        max_workers=max(1, workers), mp_context=_SPAWN, initializer=_start_worker, initargs=(_SPAWN.Value("i", 0),)
+    ) as pool:
         for done in cf.as_completed(
             [pool.submit(_score_shard, url, str(work), asdict(config), threads) for url in pending]
         ):

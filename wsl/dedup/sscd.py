@@ -141,7 +141,8 @@ class SscdIndex:
             torch.set_num_threads(threads)
         keys = json.loads((folder / "eval-keys.json").read_text())["keys"]
         store = np.load(folder / "eval-store.npy", mmap_mode="r")
-        return cls(keys, store, np.load(folder / "eval-sscd.npy"), _model_on_device(descriptor))
+        descriptors = np.load(folder / "eval-sscd.npy", mmap_mode="r")  # shared by a machine's workers
+        return cls(keys, store, descriptors, _model_on_device(descriptor))
 
     @staticmethod
     def decode(data: bytes) -> Image.Image:
@@ -161,5 +162,6 @@ class SscdIndex:
 
 
 def _model_on_device(descriptor: str) -> nn.Module:
+    """The network on this process's current GPU (`wsl.dedup.run` gives each worker its own), else the CPU."""
     model = load_sscd(sscd_path(descriptor))
-    return model.to("cuda") if torch.cuda.is_available() else model
+    return model.to(torch.device("cuda", torch.cuda.current_device())) if torch.cuda.is_available() else model
