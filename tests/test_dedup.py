@@ -49,7 +49,7 @@ def test_planted_copies_are_removed_and_other_images_kept_at_the_default_thresho
 
 
 @pytest.mark.slow
-def test_photos_copied_inside_a_canvas_under_a_caption_or_in_grayscale_are_found_and_other_photos_are_not(tmp_path):
+def test_photos_copied_inside_a_canvas_under_a_caption_rotated_or_grey_are_found_and_other_photos_are_not(tmp_path):
     evaluation, others = photographs()
     originals = {}
     for name, image in sorted(evaluation.items()):
@@ -68,6 +68,7 @@ def test_photos_copied_inside_a_canvas_under_a_caption_or_in_grayscale_are_found
         "story, blurred bg",
         "caption band 16%",
         "grayscale",
+        "rotate 5",
     ]:
         copies = [(key, edited_copy(data, edit, rng)) for key, data in originals.items()]
         scores = index.match([index.decode(data) for _, data in copies])
@@ -76,8 +77,8 @@ def test_photos_copied_inside_a_canvas_under_a_caption_or_in_grayscale_are_found
             for (key, _), (score, owner) in zip(copies, scores)
             if score >= config.copy_threshold and index.keys[owner] == key
         ]
-    assert all(len(found[edit]) == len(originals) for edit in found if edit != "story, blurred bg"), found
-    assert len(found["story, blurred bg"]) >= 6, found  # 6 of 9 when measured; BENCHMARKS.md has the rates
+    partly = {"story, blurred bg": 6, "rotate 5": 6}  # of 9 (6 and 7 measured); BENCHMARKS.md has the rates
+    assert all(len(found[edit]) >= partly.get(edit, len(originals)) for edit in found), found
     crops = non_copy_crops(others, 30, rng)  # other photographs, among them the stereo twin of an evaluation photo
     scores = [score for score, _ in index.match([index.decode(crop) for crop in crops])]
     assert max(scores) < config.copy_threshold, sorted(scores)[-3:]

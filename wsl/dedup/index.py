@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 COARSE = 16  # retrieval thumbnail side
 FINE = 48  # verification thumbnail side
+ROTATION_CHECK = 0.9  # whole-image alignment below which verification tries rotated copies
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 FORMAT = "wsl-dedup-2"
 # Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
@@ -51,6 +52,9 @@ class DedupConfig:
     )
     prefilter: float = option(0.6, "retrieval similarity below which a sample is not verified at all")
     candidates: int = option(1, "nearest evaluation images verified per sample: verification is the cost", minimum=1)
+    max_rotation: float = option(
+        10.0, "largest rotation (degrees, every 5) of a copy that verification tries", minimum=0
+    )
     align_min: float = option(
         0.6,
         "whole-image correlation, once aligned, below which the detail is scored where it stands instead of "
@@ -197,13 +201,13 @@ def _coverage(intervals: np.ndarray, size: int, length: int) -> np.ndarray:
     return overlap / overlap.sum(axis=2, keepdims=True)
 
 
-def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int, luminance_only: bool = True) -> np.ndarray:
-    """The normalised descriptors [W, size * size * C] of windows (fractions) of an H x W x 3 image
-    (of its luminance by default, as `retrieval_descriptor`),
-    each window area-averaged to size x size. Windows share few distinct x and y intervals, so
-    every row interval is averaged once, then every column interval, by two matrix products
-    (exact area averages; ~5x faster than one PIL resize a window)."""
-    pixels = luminance(pixels) if luminance_only else pixels
+def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int) -> np.ndarray:
+    """The retrieval descriptors [W, size * size] of windows (fractions) of an H x W x 3 image: the
+    luminance of each window area-averaged to size x size, normalised as `retrieval_descriptor`.
+    Windows share few distinct x and y intervals, so every row interval is averaged once, then
+    every column interval, by two matrix products (exact area averages; ~5x faster than one PIL
+    resize a window)."""
+    pixels = luminance(pixels)
     height, width, channels = pixels.shape
     xs, x_of = np.unique(windows[:, [0, 2]], axis=0, return_inverse=True)
     ys, y_of = np.unique(windows[:, [1, 3]], axis=0, return_inverse=True)
@@ -462,6 +466,22 @@ class EvalIndex:
         image = Image.fromarray(np.ascontiguousarray(pixels))
         image = image.convert("L") if grayscale else image
         window, aligned = _ascend(functools.partial(whole_correlation, image), window, (0.02, 0.01))
+        if self.config.max_rotation >= 5 and aligned < ROTATION_CHECK:
+            # A copy rotated by a few degrees (corners cropped) is an upright crop of the evaluation
+            # image rotated alike. The stored image is square, so the rotation is taken in the
+            # copy's aspect (a crop of a rotated image keeps the aspect of the original).
+            aspect = query.width / query.height
+            turned = [
+                image.transform(image.size, Image.AFFINE, _rotation_about_centre(d, aspect, STORE), Image.BILINEAR)
+                for d in _rotations(self.config.max_rotation)
+            ]
+            start, rotated = max(((whole_correlation(t, window), t) for t in turned), key=lambda found: found[0])
+            if start > aligned:
+                rotated_window, rotated_aligned = _ascend(
+                    functools.partial(whole_correlation, rotated), window, (0.02, 0.01)
+                )
+                if rotated_aligned > aligned:
+                    image, window, aligned = rotated, rotated_window, rotated_aligned
         if aligned < self.config.align_min:  # not a copy: refining the detail would cost a third more
             return detail_correlation(image, window)
         _, best = _ascend(functools.partial(detail_correlation, image), window, (0.005, 0.0025))
@@ -519,6 +539,20 @@ class EvalIndex:
                         break
             results.append(best)
         return results
+
+
+def _rotations(largest: float) -> list[float]:
+    """The rotations (degrees, not 0) verification tries: every 5 degrees up to `largest`, both ways."""
+    return [sign * degrees for degrees in np.arange(5.0, largest + 1e-9, 5.0).tolist() for sign in (1, -1)]
+
+
+def _rotation_about_centre(degrees: float, aspect: float, size: int) -> tuple[float, ...]:
+    """PIL's affine data (output pixel -> input pixel) rotating a size x size image by `degrees`
+    about its centre, the rotation taken in an image of width / height `aspect` squeezed to a square."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    a, b, d, e = c, -s / aspect, s * aspect, c
+    centre = size / 2
+    return (a, b, centre - a * centre - b * centre, d, e, centre - d * centre - e * centre)
 
 
 def _correlation(product: float, spread: float) -> float:

@@ -291,6 +291,7 @@ def run_dedup(
         total=len(mine), initial=len(mine) - len(pending), desc="de-duplicating", unit=" shards", dynamic_ncols=True
     )
     images, tick = 0, time.time()
+    # One pool for scoring and writing: each spawned worker imports torch and the index once.
     with cf.ProcessPoolExecutor(
         max_workers=max(1, workers), mp_context=_SPAWN, initializer=_start_worker, initargs=(_SPAWN.Value("i", 0),)
     ) as pool:
@@ -300,18 +301,17 @@ def run_dedup(
             images += len(done.result()["samples"])
             progress.update()
             progress.set_postfix(images_per_sec=round(images / max(time.time() - tick, 1e-6)))
-    progress.close()
-    if part is not None:
-        write_record(out, "dedup", *part, {"shards": [Path(url).name for url in mine]})
-        return {"part": part, "shards": len(mine), "images": images, "seconds": round(time.time() - started, 1)}
+        progress.close()
+        if part is not None:
+            write_record(out, "dedup", *part, {"shards": [Path(url).name for url in mine]})
+            return {"part": part, "shards": len(mine), "images": images, "seconds": round(time.time() - started, 1)}
 
-    sizes, per_shard = {}, {}
-    (work / "kept").mkdir(exist_ok=True)
-    for name, entry in classify_decisions([decisions_file[url] for url in urls], config.copy_threshold, work):
-        write_json(work / "kept" / f"{name}.json", entry.pop("keep"))  # one shard's list at a time
-        sizes[name] = entry["samples"] - sum(len(entry[what]) for what in ("copies", "exact_duplicates", "corrupt"))
-        per_shard[name] = entry | {"kept": sizes[name]}  # what was removed, and why
-    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=_SPAWN) as pool:
+        sizes, per_shard = {}, {}
+        (work / "kept").mkdir(exist_ok=True)
+        for name, entry in classify_decisions([decisions_file[url] for url in urls], config.copy_threshold, work):
+            write_json(work / "kept" / f"{name}.json", entry.pop("keep"))  # one shard's list at a time
+            sizes[name] = entry["samples"] - sum(len(entry[what]) for what in ("copies", "exact_duplicates", "corrupt"))
+            per_shard[name] = entry | {"kept": sizes[name]}  # what was removed, and why
         jobs = [
             pool.submit(_write_filtered_shard, url, str(out), str(work / "kept" / f"{Path(url).name}.json"))
             for url in urls
