@@ -14,21 +14,22 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    inside a plain frame, letterbox or screenshot bars (rows and columns that are digitally
    flat) or on a story's blurred background (smooth rows) is also searched as that photo
    alone: there the original is inside the copy, not the copy inside the original.
-2. Verification. For each of the `candidates` nearest evaluation images, the window is
-   refined by coordinate ascent (edges, position, size): first on the whole FINE x FINE
-   thumbnail, which lines up the objects, then on its detail (what the thumbnail holds beyond
-   4 x 4-pixel block averages: texture, edges), which lines up the texture. The score is the
+2. Verification. For each of the `candidates` nearest evaluation images, the window is refined
+   by coordinate ascent (edges, position, size): first on the whole FINE x FINE thumbnail,
+   which lines up the objects, then on its detail (what the thumbnail holds beyond 4 x 4-pixel
+   block averages: texture, edges), which lines up the texture. Where the whole thumbnails line
+   up poorly, the evaluation image rotated by 5 and 10 degrees both ways is tried as well (a
+   rotated copy with its corners cropped is an upright crop of it). The score is the
    correlation of the details (of the luminance when the pretraining image is grayscale); a
-   sample is a copy when it reaches `threshold`. Whole thumbnails of two different images
-   with a similar object on a similar background can correlate above 0.95 once aligned; their
+   sample is a copy when it reaches `threshold`. Whole thumbnails of two different images with
+   a similar object on a similar background can correlate above 0.95 once aligned; their
    details do not, while a copy's survive JPEG quality 30 and a 2x downscale.
 
-`descriptor=sscd:PATH` uses a learned copy-detection embedding instead (SSCD,
-`wsl.dedup.sscd`; DINOv2's data curation de-duplicates with it): trained for the edits the
-pixels still miss (rotations, stickers, a photo on a blurred background), fast on a GPU, but
-its weights must be fetched by the user: nothing here downloads them. Pixels need none.
-Recall per edit, false removals and costs:
-BENCHMARKS.md (`make bench-dedup`).
+`descriptor=sscd:PATH` uses a learned copy-detection embedding instead (SSCD, `wsl.dedup.sscd`;
+DINOv2's data curation de-duplicates with it): trained for the edits the pixels still miss
+(larger rotations, stickers), fast on a GPU, but its weights must be
+fetched by the user: nothing here downloads them. Pixels need none. Recall per edit, false
+removals and costs: BENCHMARKS.md (`make bench-dedup`).
 
 Input shards are processed in parallel, one task a shard, each writing its decisions
 (`decisions/<shard>.json`) through a rename; byte duplicates are then resolved in shard

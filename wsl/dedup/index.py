@@ -432,8 +432,10 @@ class EvalIndex:
         """Detail correlation of `query` with the window near index row `row` that fits it best.
 
         Coordinate ascent over the window's edges, position and size: first on the whole
-        FINE thumbnail (brings the objects into line), then on its detail (lines up the texture).
-        A grayscale query is compared on luminance, a colour one in RGB."""
+        FINE thumbnail (brings the objects into line; where they line up below ROTATION_CHECK,
+        the evaluation image rotated by up to `max_rotation` degrees is tried too), then on its
+        detail (lines up the texture). A grayscale query is compared on luminance, a colour one
+        in RGB."""
         grayscale = is_grayscale(query)
         if grayscale:
             query = query.convert("L")
