@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 from conftest import write_tar
 
-from wsl.data.copies import edited_copy, non_copy_crops, photographs
+from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_evaluation_photographs
 from wsl.data.demo import planted_duplicates, synthetic_decisions
 from wsl.dedup.index import build_index
 from wsl.dedup.run import REPORT_FILE, DedupConfig, run_dedup
@@ -50,13 +50,8 @@ def test_planted_copies_are_removed_and_other_images_kept_at_the_default_thresho
 
 @pytest.mark.slow
 def test_photos_copied_inside_a_canvas_under_a_caption_rotated_or_grey_are_found_and_other_photos_are_not(tmp_path):
-    evaluation, others = photographs()
-    originals = {}
-    for name, image in sorted(evaluation.items()):
-        path = tmp_path / "eval" / "photos" / f"{Path(name).stem}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, quality=92)
-        originals[f"eval/photos/{path.stem}"] = path.read_bytes()
+    photos = write_evaluation_photographs(tmp_path / "eval" / "photos")
+    originals = {f"eval/photos/{name}": photo for name, photo in photos.items()}
     config = DedupConfig()
     index = build_index([str(tmp_path / "eval")], config, tmp_path / "work")
     rng = np.random.default_rng(0)
@@ -79,7 +74,8 @@ def test_photos_copied_inside_a_canvas_under_a_caption_rotated_or_grey_are_found
         ]
     partly = {"story, blurred bg": 6, "rotate 5": 6}  # of 9 (6 and 7 measured); BENCHMARKS.md has the rates
     assert all(len(found[edit]) >= partly.get(edit, len(originals)) for edit in found), found
-    crops = non_copy_crops(others, 30, rng)  # other photographs, among them the stereo twin of an evaluation photo
+    others = photographs()[1]  # among them the stereo twin of an evaluation photograph
+    crops = non_copy_crops(others, 30, rng)
     scores = [score for score, _ in index.match([index.decode(crop) for crop in crops])]
     assert max(scores) < config.copy_threshold, sorted(scores)[-3:]
 

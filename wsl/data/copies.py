@@ -279,6 +279,18 @@ def photographs() -> tuple[dict[str, Image.Image], dict[str, Image.Image]]:
     return {name: found[name] for *_, name in _EVALUATION_PHOTOS}, {name: found[name] for *_, name in _OTHER_PHOTOS}
 
 
+def write_evaluation_photographs(folder: Path) -> dict[str, bytes]:
+    """The evaluation photographs written into `folder` as `<name>.jpg` (JPEG quality 92), as
+    an evaluation set holds them; returns {name: the file's bytes}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, image in sorted(photographs()[0].items()):
+        path = folder / f"{Path(name).stem}.jpg"
+        image.save(path, format="JPEG", quality=92)
+        written[path.stem] = path.read_bytes()
+    return written
+
+
 def non_copy_crops(others: dict[str, Image.Image], count: int, rng: np.random.Generator) -> list[bytes]:
     """`count` crops (25-60% of the area) of the other photographs, resized and JPEG-encoded."""
     crops = []

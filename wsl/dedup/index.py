@@ -113,12 +113,13 @@ def is_grayscale(image: Image.Image) -> bool:
 
 
 def normalised(thumbnail: np.ndarray) -> np.ndarray:
-    """A thumbnail (H x W x C) as a unit vector, blind to its mean colour and its contrast."""
+    """A thumbnail (H x W x C) as a unit vector, blind to its mean colour and its contrast; a
+    stack of them (N x H x W x C) as N unit vectors."""
     t = thumbnail.astype(np.float32)
-    t -= t.mean(axis=(0, 1))
-    t /= t.std() + 4.0  # + 4: flat images stay near zero instead of amplifying JPEG noise
-    flat = t.ravel()
-    return flat / max(float(np.linalg.norm(flat)), 1e-6)
+    t -= t.mean(axis=(-3, -2), keepdims=True)
+    t /= t.std(axis=(-3, -2, -1), keepdims=True) + 4.0  # + 4: flat images stay near zero, not amplified noise
+    flat = t.reshape(*t.shape[:-3], -1)
+    return flat / np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-6)
 
 
 def detail(pixels: np.ndarray, block: int = 4) -> np.ndarray:
@@ -216,10 +217,7 @@ def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int) -> np.
     rows = (down @ pixels.astype(np.float32).reshape(height, width * channels)).reshape(-1, width, channels)
     cells = rows.transpose(0, 2, 1).reshape(-1, width) @ across.T  # [Ky * size * C, Kx * size]
     cells = cells.reshape(len(ys), size, channels, len(xs), size).transpose(0, 3, 1, 4, 2)
-    t = cells[y_of.ravel(), x_of.ravel()].reshape(len(windows), size * size, channels)
-    t -= t.mean(axis=1, keepdims=True)
-    t = t.reshape(len(windows), -1)
-    return t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-6)
+    return normalised(cells[y_of.ravel(), x_of.ravel()])
 
 
 def crop_windows(config: DedupConfig) -> np.ndarray:
@@ -464,10 +462,13 @@ class EvalIndex:
             sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
             return _correlation(query_detail @ b, b @ b - (sums * sums).sum() / 16)
 
+        def align(image: Image.Image, start: np.ndarray) -> tuple[np.ndarray, float]:
+            return _ascend(functools.partial(whole_correlation, image), start, (0.02, 0.01))
+
         pixels, window = self._window(row)
         image = Image.fromarray(np.ascontiguousarray(pixels))
         image = image.convert("L") if grayscale else image
-        window, aligned = _ascend(functools.partial(whole_correlation, image), window, (0.02, 0.01))
+        window, aligned = align(image, window)
         if self.config.max_rotation >= 5 and aligned < ROTATION_CHECK:
             # A copy rotated by a few degrees (corners cropped) is an upright crop of the evaluation
             # image rotated alike. The stored image is square, so the rotation is taken in the
@@ -479,9 +480,7 @@ class EvalIndex:
             ]
             start, rotated = max(((whole_correlation(t, window), t) for t in turned), key=lambda found: found[0])
             if start > aligned:
-                rotated_window, rotated_aligned = _ascend(
-                    functools.partial(whole_correlation, rotated), window, (0.02, 0.01)
-                )
+                rotated_window, rotated_aligned = align(rotated, window)
                 if rotated_aligned > aligned:
                     image, window, aligned = rotated, rotated_window, rotated_aligned
         if aligned < self.config.align_min:  # not a copy: refining the detail would cost a third more
