@@ -72,3 +72,22 @@ def hashtag_shards(
         sizes[path.name] = len(chunk)
     (folder / "sizes.json").write_text(json.dumps(sizes))
     return paths
+
+
+def random_sscd_weights(path: Path) -> Path:
+    """A randomly initialised SSCD network saved in SSCD's torchvision key layout (`backbone.*`),
+    its batch-norm statistics set on noise so that different images get different descriptors."""
+    import torch
+
+    from wsl.dedup.sscd import sscd_model
+
+    torch.manual_seed(0)
+    model = sscd_model().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the batches below
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, 64, 64))
+    torch.save({f"backbone.{k}": v for k, v in model.state_dict().items()}, path)
+    return path

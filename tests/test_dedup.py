@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import write_tar
+from conftest import random_sscd_weights, write_tar
 
 from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_evaluation_photographs
 from wsl.data.demo import planted_duplicates, synthetic_decisions
@@ -218,32 +218,13 @@ def test_the_decision_step_gives_the_in_memory_answer_in_memory_that_does_not_gr
     assert peaks[1_000_000] <= 1.3 * peaks[100_000], peaks
 
 
-def _random_sscd_weights(path: Path) -> Path:
-    """A randomly initialised SSCD network saved in SSCD's torchvision key layout (`backbone.*`),
-    its batch-norm statistics set on noise so that different images get different descriptors."""
-    import torch
-
-    from wsl.dedup.sscd import sscd_model
-
-    torch.manual_seed(0)
-    model = sscd_model().train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a plain average over the batches below
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, 64, 64))
-    torch.save({f"backbone.{k}": v for k, v in model.state_dict().items()}, path)
-    return path
-
-
 @pytest.mark.slow
 def test_the_sscd_descriptor_finds_an_exact_copy_and_gives_the_same_bytes_in_parts_or_after_a_rerun(tmp_path):
     planted_duplicates(tmp_path / "data", num_eval=4, copies_per_image=1, num_others=4, shard_size=4)
     shards, against = tmp_path / "data" / "shards", tmp_path / "data" / "eval"
     original = sorted(against.rglob("*.JPEG"))[0]
     write_tar(shards / "pretrain-000009.tar", [("same.jpg", original.read_bytes()), ("same.json", b"{}")])
-    config = DedupConfig(descriptor=f"sscd:{_random_sscd_weights(tmp_path / 'sscd_random.torchvision.pt')}")
+    config = DedupConfig(descriptor=f"sscd:{random_sscd_weights(tmp_path / 'sscd_random.torchvision.pt')}")
 
     def outputs(folder: Path) -> dict:
         """The decisions, filtered shards and sizes.json (bytes), and the report but for its picture's path."""
@@ -287,7 +268,7 @@ def test_a_missing_or_malformed_sscd_weights_file_is_a_one_line_error(tmp_path):
     wrong = tmp_path / "resnet18.pt"
     torch.save(resnet18().state_dict(), wrong)
     truncated = tmp_path / "truncated.torchvision.pt"
-    truncated.write_bytes(_random_sscd_weights(tmp_path / "whole.pt").read_bytes()[:5000])
+    truncated.write_bytes(random_sscd_weights(tmp_path / "whole.pt").read_bytes()[:5000])
     for path, message in [(wrong, "not SSCD torchvision weights"), (truncated, "unreadable or truncated")]:
         with pytest.raises(WslError, match=message) as raised:
             load_sscd(sscd_path(f"sscd:{path}"))

@@ -4,8 +4,8 @@ matrix-product rate it reaches.
 A step is what `wsl pretrain` does per batch: forward, the paper's soft-target cross-entropy,
 backward, SGD with Nesterov momentum. It runs on random images and 1/k targets, for any registry
 model and resolution, in each of: eager NCHW, channels_last, and `torch.compile` (channels_last);
-on a GPU under bf16 autocast, as training runs there. Model FLOP/s are the step's FLOPs (counted
-by `torch.utils.flop_counter` on one step) times steps/s; the baseline is a large matrix product
+on a GPU under bf16 autocast, as training runs there. Model FLOP/s are the step's FLOPs (3x the
+forward's, as `torch.utils.flop_counter` counts them) times steps/s; the baseline is a large matrix product
 measured in the same run (bf16 on a GPU, fp32 on a CPU), so the last line, the best mode's share
 of it, is comparable across machines.
 
@@ -67,14 +67,15 @@ def make_step(model_name: str, mode: str, classes: int, device: torch.device):
 
 
 def step_flops(model_name: str, image_size: int, classes: int) -> int:
-    """FLOPs of one image's forward + backward (counted on the CPU, eager, over a batch of 2:
-    batch norm in train mode wants more than one value per channel)."""
-    model = build_model(model_name, classes)
-    images = torch.randn(2, 3, image_size, image_size)
-    target = torch.full((2, classes), 1.0 / classes)
+    """FLOPs of one image's forward + backward: three times the forward's, which
+    `torch.utils.flop_counter` counts on the meta device (shapes only, no arithmetic). The backward
+    is taken as two forwards (the input's and the weights' gradients), not counted: the counter
+    overcounts grouped convolutions' weight gradients (torch 2.11 and 2.14: 184 GFLOP against 66
+    for resnext101_32x8d's backward at 224 px; pytorch/pytorch#183405)."""
+    model = build_model(model_name, classes, device="meta").eval()  # one image: batch norm's running statistics
     with FlopCounterMode(display=False) as counter:
-        soft_target_cross_entropy(model(images), target).backward()
-    return counter.get_total_flops() // 2
+        model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    return 3 * counter.get_total_flops()
 
 
 def measure(args, mode: str, device: torch.device, flops_per_image: int) -> dict:
