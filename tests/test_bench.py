@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from wsl.data.copies import EDITS
+
 BENCH = Path(__file__).parent.parent / "pipelines" / "bench"
 
 
@@ -47,3 +51,25 @@ def test_the_scale_benchmark_fits_each_stages_growth_and_extrapolates_to_the_pap
     lines = result.stdout.strip().splitlines()
     assert any(line.startswith("resnext101_32x48d", 2) for line in lines)  # release sizes per width
     assert lines[-1].startswith("headline: costliest at the paper's size: ")
+
+
+NON_COPIES = ("non-copies: demo images", "non-copies: photo crops")
+ROWS = ("demo: planted copies", *NON_COPIES)
+
+
+@pytest.mark.slow
+def test_the_dedup_benchmark_prints_a_row_per_edit_finds_simple_copies_and_ends_on_the_decode_ratio(tmp_path):
+    sizes = ["--eval-images", "8", "--copies", "1", "--others", "12", "--per-edit-demo", "1", "--photo-others", "6"]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "dedup.py"), "--out", str(tmp_path), *sizes], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    header = next(line.split() for line in lines if line.split()[:2] == ["row", "n"])
+    at_default = header.index("0.77") - 1  # a row's values start after its name, the header's after "row"
+    rows = {line[:26].strip(): line[26:].split() for line in lines if line[:26].strip() in {*ROWS, *EDITS}}
+    assert set(rows) == {*ROWS, *EDITS}
+    assert rows["resize+jpeg35"][at_default] == "100.0%" and rows["resize+jpeg35"][-1] == "9/9"
+    assert all(rows[row][at_default] == "0.00%" for row in NON_COPIES)
+    assert any(line.startswith("plain full decode of the same 196 images") for line in lines)
+    assert re.fullmatch(r"de-duplication rate / plain full decode rate: \d+\.\d%", lines[-1])
