@@ -575,8 +575,10 @@ def _correlation(product: float, spread: float) -> float:
 
 
 def _ascend(objective, window: np.ndarray, steps: tuple[float, ...]) -> tuple[np.ndarray, float]:
-    """Coordinate ascent of objective(window) over single edges, shifts and scalings."""
+    """Coordinate ascent of objective(window) over single edges, shifts and scalings. A window
+    met again (the one just left is the next one's neighbour) is not scored twice."""
     best = objective(window)
+    seen = {tuple(window.round(9)): best}
     for step in steps:
         deltas = [sign * step * move for move in _MOVES for sign in (-1, 1)]
         improved = True
@@ -587,9 +589,11 @@ def _ascend(objective, window: np.ndarray, steps: tuple[float, ...]) -> tuple[np
                 trial.clip(0, 1, out=trial)
                 if trial[2] - trial[0] < 0.5 or trial[3] - trial[1] < 0.5:
                     continue
-                value = objective(trial)
-                if value > best:
-                    best, window, improved = value, trial, True
+                key = tuple(trial.round(9))
+                if key not in seen:
+                    seen[key] = objective(trial)
+                if seen[key] > best:
+                    best, window, improved = seen[key], trial, True
     return window, best
 
 
