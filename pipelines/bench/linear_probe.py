@@ -64,12 +64,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: the GPU when there is one, as the probe")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, or auto: the probe's own choice (wsl.distributed.local_device)"
+    )
     args = parser.parse_args()
     if args.device == "auto":
-        import torch
+        from wsl.distributed import local_device
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = str(local_device())
     results = []
     print(f"on {args.device}" + (f", {args.threads} CPU threads" if args.device == "cpu" else ""))
     for rows in args.sizes:

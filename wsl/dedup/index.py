@@ -469,18 +469,15 @@ class EvalIndex:
             sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
             return _correlation(query_detail @ b, b @ b - (sums * sums).sum() / 16)
 
-        def align(
-            image: Image.Image, start: np.ndarray, steps: tuple[float, ...] = (0.02, 0.01)
-        ) -> tuple[np.ndarray, float]:
-            return _ascend(functools.partial(whole_correlation, image), start, steps)
+        def align(image: Image.Image, start: np.ndarray, give_up: float = -math.inf) -> tuple[np.ndarray, float]:
+            return _ascend(functools.partial(whole_correlation, image), start, (0.02, 0.01), give_up)
 
         pixels, window = self._window(row)
         image = Image.fromarray(np.ascontiguousarray(pixels))
         image = image.convert("L") if grayscale else image
-        window, aligned = align(image, window, (0.02,))
-        if aligned < self.config.give_up:  # far from any copy: half the non-copies stop here
+        window, aligned = align(image, window, self.config.give_up)
+        if aligned < self.config.give_up:  # far from any copy after the coarse steps: half the non-copies
             return detail_correlation(image, window)
-        window, aligned = align(image, window, (0.01,))
         if self.config.max_rotation >= 5 and aligned < ROTATION_CHECK:
             # A copy rotated by a few degrees (corners cropped) is an upright crop of the evaluation
             # image rotated alike. The stored image is square, so the rotation is taken in the
@@ -574,9 +571,12 @@ def _correlation(product: float, spread: float) -> float:
     return float(product) / math.sqrt(spread) if spread > 1.0 else 0.0
 
 
-def _ascend(objective, window: np.ndarray, steps: tuple[float, ...]) -> tuple[np.ndarray, float]:
-    """Coordinate ascent of objective(window) over single edges, shifts and scalings. A window
-    met again (the one just left is the next one's neighbour) is not scored twice."""
+def _ascend(
+    objective, window: np.ndarray, steps: tuple[float, ...], give_up: float = -math.inf
+) -> tuple[np.ndarray, float]:
+    """Coordinate ascent of objective(window) over single edges, shifts and scalings, one step
+    size after another; it stops early where, after a step size, the best is below `give_up`.
+    A window met again (the one just left is the next one's neighbour) is not scored twice."""
     best = objective(window)
     seen = {tuple(window.round(9)): best}
     for step in steps:
@@ -594,6 +594,8 @@ def _ascend(objective, window: np.ndarray, steps: tuple[float, ...]) -> tuple[np
                     seen[key] = objective(trial)
                 if seen[key] > best:
                     best, window, improved = seen[key], trial, True
+        if best < give_up:
+            break
     return window, best
 
 
