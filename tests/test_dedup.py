@@ -4,6 +4,7 @@ byte-identical and resumable output, clear errors."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from conftest import random_sscd_weights, write_tar
 
 from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_evaluation_photographs
 from wsl.data.demo import planted_duplicates, synthetic_decisions
-from wsl.dedup.index import build_index
+from wsl.dedup.index import EvalIndex, build_index, content_boxes
 from wsl.dedup.run import REPORT_FILE, DedupConfig, run_dedup
 
 
@@ -72,12 +73,58 @@ def test_photos_copied_inside_a_canvas_under_a_caption_rotated_or_grey_are_found
             for (key, _), (score, owner) in zip(copies, scores)
             if score >= config.copy_threshold and index.keys[owner] == key
         ]
-    partly = {"story, blurred bg": 6, "rotate 5": 6}  # of 9 (6 and 7 measured); BENCHMARKS.md has the rates
-    assert all(len(found[edit]) >= partly.get(edit, len(originals)) for edit in found), found
+    partly = {"story, blurred bg": 8, "rotate 5": 6}  # of 9 (8 and 7 measured); BENCHMARKS.md has the rates
+    counts = str({edit: len(keys) for edit, keys in found.items()})  # a str: pytest would cut a dict short
+    assert all(len(found[edit]) >= partly.get(edit, len(originals)) for edit in found), counts
     others = photographs()[1]  # among them the stereo twin of an evaluation photograph
     crops = non_copy_crops(others, 30, rng)
     scores = [score for score, _ in index.match([index.decode(crop) for crop in crops])]
     assert max(scores) < config.copy_threshold, sorted(scores)[-3:]
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    inside = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inside / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inside)
+
+
+def test_the_photo_inside_a_frame_screenshot_story_or_above_a_caption_band_is_boxed():
+    """Where `EDITS` put the photo (pixels of the edited canvas), against the boxes found in the
+    canvas as a worker decodes it (JPEG draft mode): text on a screenshot's bar or in a caption
+    band is part of the border."""
+
+    def photo_box(edit: str, w: int, h: int) -> tuple[tuple[int, ...], tuple[int, int]]:
+        """(the photo's box, the canvas size) in the canvas `edit` makes of a w x h photo."""
+        if edit == "white frame":
+            b = max(w, h) // 8
+            return (b, b, b + w, b + h), (w + 2 * b, h + 2 * b)
+        if edit == "screenshot bars":
+            top, bottom = w // 6, w // 4
+            return (w // 20, top, w // 20 + w, top + h), (w + 2 * (w // 20), h + top + bottom)
+        if edit == "story, blurred bg":
+            height = round(w * 16 / 9)
+            return (0, (height - h) // 2, w, (height - h) // 2 + h), (w, height)
+        return (0, 0, w, h - round(h * 0.16)), (w, h)  # caption band
+
+    rng = np.random.default_rng(0)
+    boxed = {}
+    for edit in ["white frame", "screenshot bars", "story, blurred bg", "caption band 16%"]:
+        boxed[edit] = []
+        for name, photo in sorted(photographs()[0].items()):
+            canvas = EvalIndex.decode(edited_copy(_png(photo), edit, rng))
+            (x0, y0, x1, y1), (width, height) = photo_box(edit, *photo.size)
+            sx, sy = canvas.width / width, canvas.height / height
+            truth = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+            if max((_overlap(truth, box) for box in content_boxes(canvas)), default=0.0) >= 0.9:
+                boxed[edit].append(name)
+    partly = {"story, blurred bg": 8}  # of 9: the rocket on its dark sky has no edge on its blurred copy
+    assert all(len(names) >= partly.get(edit, 9) for edit, names in boxed.items()), boxed
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _small_set(tmp_path: Path) -> tuple[Path, Path]:

@@ -12,8 +12,10 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    1/2..1/8 for free). One of the windows is within half a grid step of any crop, so the right
    evaluation image is among the nearest `candidates` images. An image whose photo may sit
    inside a plain frame, letterbox or screenshot bars (rows and columns that are digitally
-   flat) or on a story's blurred background (smooth rows) is also searched as that photo
-   alone: there the original is inside the copy, not the copy inside the original.
+   flat, or carry a line of text on a flat colour), above a caption band, or on a story's
+   blurred background (smooth rows, or a symmetric pair of straight edges with quieter rows
+   outside them) is also searched as that photo alone: there the original is inside the copy,
+   not the copy inside the original. The borders are taken from the image's edges inward.
 2. Verification. For each of the `candidates` nearest evaluation images, the window is refined
    by coordinate ascent (edges, position, size): first on the whole FINE x FINE thumbnail,
    which lines up the objects, then on its detail (what the thumbnail holds beyond 4 x 4-pixel

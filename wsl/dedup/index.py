@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 COARSE = 16  # retrieval thumbnail side
 FINE = 48  # verification thumbnail side
+FLAT_SHARE = 0.35
 ROTATION_CHECK = 0.9  # whole-image alignment below which verification tries rotated copies
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 FORMAT = "wsl-dedup-2"
@@ -156,14 +157,18 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
       borders are, even with a line of text on them; photographed skies and walls are not;
     - inside borders that are smooth (a story's blurred background): lines whose mean step
       between neighbouring pixels is under a quarter of the image's 90th-percentile line's.
-    Each box is the longest run of other rows, then of other columns within it, moved 1% inward;
-    boxes over 98% of the area (bars a few pixels thick still change a thumbnail a lot) or
-    under 20% of it are left out, and so is a repeated one."""
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    A border starts at the image's edge and runs inward over border lines and over gaps of at
+    most 8% of the side (a line of text on a screenshot's bar); rows first, then columns within
+    them. Each box is moved 1% inward; boxes over 98% of the area (bars a few pixels thick still
+    change a thumbnail a lot) or under 20% of it are left out, and so is a repeated one."""
+    grey = np.asarray(image.convert("L"), dtype=np.int16)
     boxes: list[tuple[int, int, int, int]] = []
-    for border in (_flat_lines, _smooth_lines):
-        top, bottom = _longest_run(~border(grey))
-        left, right = _longest_run(~border(grey[top:bottom].T))
+    found = []
+    for border, gap in ((_flat_lines, 0.08), (_smooth_lines, 0.0)):
+        top, bottom = _inside_borders(border(grey), gap)
+        found.append((top, bottom, *_inside_borders(border(grey[top:bottom].T), gap)))
+    found.append((*_between_straight_edges(grey), 0, grey.shape[1]))
+    for top, bottom, left, right in found:
         if 0.2 <= (bottom - top) * (right - left) / grey.size <= 0.98:
             dy, dx = round(0.01 * (bottom - top)), round(0.01 * (right - left))
             box = (left + dx, top + dy, right - dx, bottom - dy)
@@ -173,29 +178,80 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
 
 
 def _flat_lines(grey: np.ndarray) -> np.ndarray:
-    """Which rows of a grey image are flat: 90% of their pixels within 2 grey levels of their median."""
+    """Which rows of a grey image are flat: 90% of their pixels within 2 grey levels of their
+    median, or a third of them within 2 grey levels of the nearest such row above or below (a
+    line of text or icons on a bar)."""
     if not grey.size:
         return np.zeros(len(grey), bool)
-    return (np.abs(grey - np.median(grey, axis=1, keepdims=True)) <= 2).mean(axis=1) >= 0.9
+    median = _middle(grey)
+    flat = (np.abs(grey - median[:, None]) <= 2).mean(axis=1) >= 0.9
+    if not flat.any():
+        return flat
+    rows = np.arange(len(grey))
+    above = np.maximum.accumulate(np.where(flat, rows, -1))
+    below = np.minimum.accumulate(np.where(flat, rows, len(grey))[::-1])[::-1]
+    for nearest in (above, below):
+        valid = (nearest >= 0) & (nearest < len(grey))
+        colour = median[np.clip(nearest, 0, len(grey) - 1)]
+        flat |= valid & ((np.abs(grey - colour[:, None]) <= 2).mean(axis=1) >= FLAT_SHARE)
+    return flat
 
 
 def _smooth_lines(grey: np.ndarray) -> np.ndarray:
-    """Which rows of a grey image are smooth: their mean step between neighbouring pixels under a
-    quarter of the 90th percentile of the rows'."""
-    if grey.shape[1] < 2:
+    """Which rows of a grey image are smooth: their mean step between neighbouring pixels, along
+    the row and to the next row, under a quarter of the 90th percentile of the rows' (a line of
+    a textured photo may be smooth along itself, not also across: brick mortar)."""
+    if grey.shape[1] < 2 or len(grey) < 2:
         return np.zeros(len(grey), bool)
-    steps = np.abs(np.diff(grey, axis=1)).mean(axis=1)
+    along = np.abs(np.diff(grey, axis=1)).mean(axis=1)
+    across = np.abs(np.diff(grey, axis=0)).mean(axis=1)
+    across = np.maximum(np.r_[across, 0], np.r_[0, across])
+    steps = np.maximum(along, across)
     return steps < 0.25 * np.percentile(steps, 90)
 
 
-def _longest_run(mask: np.ndarray) -> tuple[int, int]:
-    """(start, end) of the longest run of True in a 1-d mask; (0, 0) if none."""
-    edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
-    if not len(edges):
-        return 0, 0
-    starts, ends = edges[::2], edges[1::2]
-    longest = int(np.argmax(ends - starts))
-    return int(starts[longest]), int(ends[longest])
+def _between_straight_edges(grey: np.ndarray) -> tuple[int, int]:
+    """(top, bottom) rows between the strongest pair of straight horizontal edges placed
+    symmetrically (within 2 rows): lines where most of the row steps by at least 6 grey levels
+    and 4x the image's typical line, as a photo across a story's width makes on its blurred
+    background, smooth as that photo's own edge rows may be, where the rows outside them are
+    less than half as busy as those between them; (0, height) if there are none."""
+    height = len(grey)
+    if height < 20:
+        return 0, height
+    steps = _middle(np.abs(np.diff(grey, axis=0)))  # steps[y]: between rows y and y + 1
+    near = np.max([np.roll(steps, shift) for shift in range(-2, 3)], axis=0)  # the best within 2 rows
+    upper = np.arange(round(0.05 * height), round(0.45 * height))
+    pair = np.minimum(steps[upper], near[height - 2 - upper])
+    best = int(np.argmax(pair))
+    if pair[best] < max(6.0, 4 * (np.median(steps) + 1)):
+        return 0, height
+    top = int(upper[best]) + 1
+    partner = height - 2 - top + 1
+    bottom = partner - 2 + int(np.argmax(steps[partner - 2 : partner + 3])) + 1
+    along = np.abs(np.diff(grey, axis=1)).mean(axis=1)
+    if np.r_[along[:top], along[bottom:]].mean() >= 0.5 * along[top:bottom].mean():
+        return 0, height  # outside as busy as inside: lines of the photo itself (brick courses)
+    return top, bottom
+
+
+def _middle(lines: np.ndarray) -> np.ndarray:
+    """The median of each row of an integer array (the upper one of an even count): a partial
+    sort, twice as fast as `np.median`'s on these small arrays."""
+    return np.partition(lines, lines.shape[1] // 2, axis=1)[:, lines.shape[1] // 2]
+
+
+def _inside_borders(border: np.ndarray, gap: float = 0.08) -> tuple[int, int]:
+    """(start, end) of what lies between the borders at both ends of a 1-d mask of border
+    lines: each border runs from its end inward over border lines and over gaps of other lines
+    at most `gap` of the length long; (0, 0) if the borders meet."""
+    closed = border.copy()
+    edges = np.flatnonzero(np.diff(np.r_[1, border.astype(np.int8), 1]))  # runs of other lines
+    for start, end in zip(edges[::2], edges[1::2]):
+        if end - start <= gap * len(border) < len(border):
+            closed[start:end] = True
+    inside = np.flatnonzero(~closed)
+    return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
 
 
 def _coverage(intervals: np.ndarray, size: int, length: int) -> np.ndarray:
