@@ -65,6 +65,7 @@ def test_photos_copied_inside_a_canvas_under_a_caption_rotated_or_grey_are_found
         "caption band 16%",
         "grayscale",
         "rotate 5",
+        "rotate 10",
     ]:
         copies = [(key, edited_copy(data, edit, rng)) for key, data in originals.items()]
         scores = index.match([index.decode(data) for _, data in copies])
@@ -73,7 +74,7 @@ def test_photos_copied_inside_a_canvas_under_a_caption_rotated_or_grey_are_found
             for (key, _), (score, owner) in zip(copies, scores)
             if score >= config.copy_threshold and index.keys[owner] == key
         ]
-    partly = {"story, blurred bg": 8, "rotate 5": 6}  # of 9 (8 and 7 measured); BENCHMARKS.md has the rates
+    partly = {"story, blurred bg": 8, "rotate 10": 6}  # of 9 (8 and 7 measured); BENCHMARKS.md has the rates
     counts = str({edit: len(keys) for edit, keys in found.items()})  # a str: pytest would cut a dict short
     assert all(len(found[edit]) >= partly.get(edit, len(originals)) for edit in found), counts
     others = photographs()[1]  # among them the stereo twin of an evaluation photograph

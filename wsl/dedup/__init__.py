@@ -19,9 +19,11 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
 2. Verification. For each of the `candidates` nearest evaluation images, the window is refined
    by coordinate ascent (edges, position, size): first on the whole FINE x FINE thumbnail,
    which lines up the objects, then on its detail (what the thumbnail holds beyond 4 x 4-pixel
-   block averages: texture, edges), which lines up the texture. Where the whole thumbnails line
-   up poorly, the evaluation image rotated by 5 and 10 degrees both ways is tried as well (a
-   rotated copy with its corners cropped is an upright crop of it). The score is the
+   block averages: texture, edges), which lines up the texture. Where the detail stays below
+   the threshold of a candidate that lines up well, the evaluation image rotated by 5 degrees
+   both ways, then by 10 the better way, is lined up too, and its detail refined where it
+   lines up better than upright (a rotated copy with its corners cropped is an upright crop of
+   the rotated original; a few degrees barely move whole thumbnails, the detail). The score is the
    correlation of the details (of the luminance when the pretraining image is grayscale); a
    sample is a copy when it reaches `threshold`. Whole thumbnails of two different images with
    a similar object on a similar background can correlate above 0.95 once aligned; their
