@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from conftest import random_sscd_weights, write_tar
+from PIL import Image
 
 from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_evaluation_photographs
 from wsl.data.demo import planted_duplicates, synthetic_decisions
@@ -120,6 +121,14 @@ def test_the_photo_inside_a_frame_screenshot_story_or_above_a_caption_band_is_bo
                 boxed[edit].append(name)
     partly = {"story, blurred bg": 8}  # of 9: the rocket on its dark sky has no edge on its blurred copy
     assert all(len(names) >= partly.get(edit, 9) for edit, names in boxed.items()), boxed
+
+    # bars a pixel thick (the box is 98.7% of the area): boxed when black (letterboxing), not when
+    # of another colour (at an image's edge, such lines are mostly the photo's own)
+    photo = photographs()[0]["chelsea.png"].crop((0, 0, 294, 294))
+    for fill, boxed_there in (((0, 0, 0), True), ((128, 128, 128), False)):
+        canvas = Image.new("RGB", (296, 296), fill)
+        canvas.paste(photo, (1, 1))
+        assert bool(content_boxes(EvalIndex.decode(_png(canvas)))) == boxed_there, fill
 
 
 def _png(image) -> bytes:

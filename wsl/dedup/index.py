@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 COARSE = 16  # retrieval thumbnail side
 FINE = 48  # verification thumbnail side
-FLAT_SHARE = 0.35
+FLAT_SHARE = 0.35  # share of a line on a border that is the border's colour (text on a bar)
+MAX_BOX_AREA = 0.995  # a box nearly the whole image is a view still: bars 1% thick change a thumbnail's detail
+THIN_BARS = 0.98  # a box over this share of the area is kept only inside black or white bars (letterboxing)
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 FORMAT = "wsl-dedup-2"
 # Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
@@ -156,16 +158,20 @@ def retrieval_descriptor(image: Image.Image) -> np.ndarray:
 
 
 def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
-    """Boxes (pixels) that may hold a photo placed inside a larger canvas, found twice:
+    """Boxes (pixels) that may hold a photo placed inside a larger canvas, found three ways:
     - inside borders that are flat (a frame, letterbox or screenshot bars): lines (rows, then
-      columns) where 90% of the pixels are within 2 grey levels of the line's median: digital
-      borders are, even with a line of text on them; photographed skies and walls are not;
+      columns) where 90% of the pixels are within 2 grey levels of the line's median (digital
+      borders are; photographed skies and walls are not), or a third of them within 2 grey
+      levels of the nearest such line (text or icons on a bar, a caption band's text);
     - inside borders that are smooth (a story's blurred background): lines whose mean step
-      between neighbouring pixels is under a quarter of the image's 90th-percentile line's.
+      between neighbouring pixels, along and across, is under a quarter of the image's
+      90th-percentile line's;
+    - between a symmetric pair of straight horizontal edges with quieter rows outside them (a
+      story's photo, whatever its own edge rows hold: `_between_straight_edges`).
     A border starts at the image's edge and runs inward over border lines and over gaps of at
-    most 8% of the side (a line of text on a screenshot's bar); rows first, then columns within
-    them. Each box is moved 1% inward; boxes over 98% of the area (bars a few pixels thick still
-    change a thumbnail a lot) or under 20% of it are left out, and so is a repeated one."""
+    most 8% of the side (flat borders only); rows first, then columns within them. Each box is
+    moved 1% inward; boxes over MAX_BOX_AREA of the area or under 20% of it are left out, and so
+    is a repeated one, and one over THIN_BARS unless what lies outside it is black or white."""
     grey = np.asarray(image.convert("L"), dtype=np.int16)
     boxes: list[tuple[int, int, int, int]] = []
     found = []
@@ -174,12 +180,25 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
         found.append((top, bottom, *_inside_borders(border(grey[top:bottom].T), gap)))
     found.append((*_between_straight_edges(grey), 0, grey.shape[1]))
     for top, bottom, left, right in found:
-        if 0.2 <= (bottom - top) * (right - left) / grey.size <= 0.98:
+        area = (bottom - top) * (right - left) / grey.size
+        if area > THIN_BARS and not _black_or_white_outside(grey, top, bottom, left, right):
+            continue  # thin flat lines of another colour at an edge: mostly the photo's own
+        if 0.2 <= area <= MAX_BOX_AREA:
             dy, dx = round(0.01 * (bottom - top)), round(0.01 * (right - left))
             box = (left + dx, top + dy, right - dx, bottom - dy)
             if box not in boxes:
                 boxes.append(box)
     return boxes
+
+
+def _black_or_white_outside(grey: np.ndarray, top: int, bottom: int, left: int, right: int) -> bool:
+    """Whether the pixels of a grey image outside a box are mostly black (under 16) or white (over 239)."""
+    outside = np.ones(grey.shape, bool)
+    outside[top:bottom, left:right] = False
+    if not outside.any():
+        return False
+    median = float(np.median(grey[outside]))
+    return median < 16 or median > 239
 
 
 def _flat_lines(grey: np.ndarray) -> np.ndarray:
