@@ -13,8 +13,8 @@ packages (`wsl.data.copies.photographs`). The pretraining shards hold:
 threshold, the share of each row's copies removed as copies of the right image, and of
 non-copies removed. Throughput is images per second per core over the whole run (index,
 scoring, writing), as a share of a plain full decode of the same pretraining images, timed in
-the same run; then the scoring rate of the non-copies alone, and of those of them below the
-retrieval prefilter (what most of a real crawl should cost).
+the same run (the median of three passes); then the scoring rate of the non-copies alone, and
+of those of them below the retrieval prefilter (what most of a real crawl should cost).
 """
 
 from __future__ import annotations
@@ -130,10 +130,13 @@ def main() -> None:
 
     urls = sorted(str(p) for p in (out / "data" / "shards").glob("*.tar"))
     samples = [(s["__key__"], sample_image_bytes(s)) for s in read_shard_samples(urls)]
-    tick = time.perf_counter()
-    for _, data in samples:
-        Image.open(io.BytesIO(data)).convert("RGB")
-    plain = len(samples) / (time.perf_counter() - tick)
+    passes = []  # the median of three passes: one pass of a few seconds moved by +-15% from run to run
+    for _ in range(3):
+        tick = time.perf_counter()
+        for _, data in samples:
+            Image.open(io.BytesIO(data)).convert("RGB")
+        passes.append(len(samples) / (time.perf_counter() - tick))
+    plain = float(np.median(passes))
     non_copies = [data for key, data in samples if truth.get(key, ("non", None))[1] is None]
     index = open_index(filtered / "_dedup", config)
 
@@ -148,7 +151,10 @@ def main() -> None:
     unverified = [data for data, (_, owner) in zip(non_copies, matches) if owner < 0]  # below the prefilter
     per_core = report["input_samples"] / seconds
     on = "1 core" + (" and a GPU" if config.descriptor != "pixels" and _has_gpu() else "")
-    print(f"plain full decode of the same {len(samples)} images: {plain:,.0f} images/s on 1 core")
+    print(
+        f"plain full decode of the same {len(samples)} images: {plain:,.0f} images/s on 1 core "
+        f"(median of {', '.join(f'{rate:,.0f}' for rate in passes)})"
+    )
     print(
         f"non-copies alone (decode + scoring, no index build): {non_copy_rate:,.0f} images/s on {on}, "
         f"{1 - len(unverified) / len(non_copies):.0%} of them verified"
