@@ -109,10 +109,11 @@ def test_the_photo_inside_a_frame_screenshot_story_or_above_a_caption_band_is_bo
         return (0, 0, w, h - round(h * 0.16)), (w, h)  # caption band
 
     rng = np.random.default_rng(0)
+    photos = photographs()[0]
     boxed = {}
     for edit in ["white frame", "screenshot bars", "story, blurred bg", "caption band 16%"]:
         boxed[edit] = []
-        for name, photo in sorted(photographs()[0].items()):
+        for name, photo in sorted(photos.items()):
             canvas = EvalIndex.decode(edited_copy(_png(photo), edit, rng))
             (x0, y0, x1, y1), (width, height) = photo_box(edit, *photo.size)
             sx, sy = canvas.width / width, canvas.height / height
@@ -124,7 +125,7 @@ def test_the_photo_inside_a_frame_screenshot_story_or_above_a_caption_band_is_bo
 
     # bars a pixel thick (the box is 98.7% of the area): boxed when black (letterboxing), not when
     # of another colour (at an image's edge, such lines are mostly the photo's own)
-    photo = photographs()[0]["chelsea.png"].crop((0, 0, 294, 294))
+    photo = photos["chelsea.png"].crop((0, 0, 294, 294))
     for fill, boxed_there in (((0, 0, 0), True), ((128, 128, 128), False)):
         canvas = Image.new("RGB", (296, 296), fill)
         canvas.paste(photo, (1, 1))

@@ -551,13 +551,15 @@ class EvalIndex:
             sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
             return _correlation(query_detail @ b, b @ b - (sums * sums).sum() / 16)
 
-        def align(image: Image.Image, start: np.ndarray, give_up: float = -math.inf) -> tuple[np.ndarray, float]:
-            return _ascend(functools.partial(whole_correlation, image), start, (0.02, 0.01), give_up)
+        def align(
+            image: Image.Image, start: np.ndarray, steps: tuple[float, ...], give_up: float = -math.inf
+        ) -> tuple[np.ndarray, float]:
+            return _ascend(functools.partial(whole_correlation, image), start, steps, give_up)
 
         pixels, window = self._window(row)
         image = Image.fromarray(np.ascontiguousarray(pixels))
         image = image.convert("L") if grayscale else image
-        window, aligned = align(image, window, self.config.give_up)
+        window, aligned = align(image, window, (0.02, 0.01), self.config.give_up)
         if aligned < max(self.config.give_up, self.config.align_min):  # not a copy: most non-copies
             return detail_correlation(image, window)
         _, best = _ascend(functools.partial(detail_correlation, image), window, (0.005, 0.0025))
@@ -580,7 +582,7 @@ class EvalIndex:
             turned = image.transform(
                 image.size, Image.AFFINE, _rotation_about_centre(degrees, aspect, STORE), Image.BILINEAR
             )
-            turned_window, turned_aligned = _ascend(functools.partial(whole_correlation, turned), start, (0.02,))
+            turned_window, turned_aligned = align(turned, start, (0.02,))
             return turned_aligned, turned_window, turned, degrees
 
         turn = max(rotated(5.0, window), rotated(-5.0, window), key=lambda found: found[0])
