@@ -20,7 +20,10 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    by coordinate ascent (edges, position, size): first on the whole FINE x FINE thumbnail,
    which lines up the objects, then on its detail (what the thumbnail holds beyond 4 x 4-pixel
    block averages: texture, edges), which lines up the texture. Where the detail stays below
-   the threshold of a candidate that lines up well, the evaluation image rotated by 5 degrees
+   the threshold of a candidate that lines up, it is also scored over the blocks whose mean
+   colours agree, less `overlay_penalty` (stickers, text or a caption band change the colours
+   of the blocks they cover; a copy's other blocks keep the original's detail). Where it still
+   stays below and the candidate lines up well, the evaluation image rotated by 5 degrees
    both ways, then by 10 the better way, is lined up too, and its detail refined where it
    lines up better than upright (a rotated copy with its corners cropped is an upright crop of
    the rotated original; a few degrees barely move whole thumbnails, the detail). The score is the
@@ -31,8 +34,8 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
 
 `descriptor=sscd:PATH` uses a learned copy-detection embedding instead (SSCD, `wsl.dedup.sscd`;
 DINOv2's data curation de-duplicates with it): trained for the edits the pixels still miss
-(larger rotations, stickers), fast on a GPU, but its weights must be
-fetched by the user: nothing here downloads them. Pixels need none. Recall per edit, false
+(rotations past a few degrees, overlays that hide a simple scene), fast on a GPU, but its
+weights must be fetched by the user: nothing here downloads them. Pixels need none. Recall per edit, false
 removals and costs: BENCHMARKS.md (`make bench-dedup`).
 
 Input shards are processed in parallel, one task a shard, each writing its decisions
