@@ -598,13 +598,14 @@ class EvalIndex:
             turned_window, turned_aligned = align(turned, start, (0.02,))
             return turned_aligned, turned_window, turned, degrees
 
-        turn = max(rotated(5.0, window), rotated(-5.0, window), key=lambda found: found[0])
-        while abs(turn[3]) + 5 <= self.config.max_rotation + 1e-9:
-            further = rotated(turn[3] + math.copysign(5.0, turn[3]), turn[1])
-            if further[0] <= turn[0]:
+        turned_aligned, turned_window, turned, degrees = max(
+            rotated(5.0, window), rotated(-5.0, window), key=lambda found: found[0]
+        )
+        while abs(degrees) + 5 <= self.config.max_rotation + 1e-9:
+            further = rotated(degrees + math.copysign(5.0, degrees), turned_window)
+            if further[0] <= turned_aligned:
                 break
-            turn = further
-        turned_aligned, turned_window, turned, _ = turn
+            turned_aligned, turned_window, turned, degrees = further
         if turned_aligned < aligned + 0.02:
             return best
         _, turned_best = _ascend(functools.partial(detail_correlation, turned), turned_window, (0.005, 0.0025))
