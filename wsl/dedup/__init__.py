@@ -4,8 +4,10 @@ The copies on the web are resized, re-compressed, cropped, recoloured and mirror
 of the evaluation images. The descriptor is pixels, at low resolution, in two stages:
 
 1. Retrieval. Every evaluation image is indexed as many windows: crops keeping at least
-   `min_area` of it (each side >= `min_side`, on a grid of `window_step`) and their mirror
-   images, each a COARSE x COARSE luminance thumbnail with its mean and contrast normalised
+   `min_area` of it (each side >= `min_side`, on a grid of `window_step`), centred windows
+   (80-95% of each side) of it rotated by 5 and 10 degrees both ways (`max_rotation`: a copy
+   rotated with its corners cropped away is such a window, which no upright crop resembles at
+   16 x 16), and their mirror images, each a COARSE x COARSE luminance thumbnail with its mean and contrast normalised
    away (so brightness, contrast, colour filters and grayscale barely move it), L2-normalised,
    searched exactly (or, for large sets, through a FAISS IVF index). A pretraining image is
    one thumbnail of its whole frame, decoded in JPEG draft mode (the decoder scales by
@@ -22,21 +24,19 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    block averages: texture, edges), which lines up the texture. Where the detail stays below
    the threshold of a candidate that lines up, it is also scored over the blocks whose mean
    colours agree, less `overlay_penalty` (stickers, text or a caption band change the colours
-   of the blocks they cover; a copy's other blocks keep the original's detail). Where it still
-   stays below and the candidate lines up well, the evaluation image rotated by 5 degrees
-   both ways, then by 10 the better way, is lined up too, and its detail refined where it
-   lines up better than upright (a rotated copy with its corners cropped is an upright crop of
-   the rotated original; a few degrees barely move whole thumbnails, the detail). The score is the
-   correlation of the details (of the luminance when the pretraining image is grayscale); a
-   sample is a copy when it reaches `threshold`. Whole thumbnails of two different images with
+   of the blocks they cover; a copy's other blocks keep the original's detail). A rotated
+   window is lined up on the evaluation image rotated alike, in the copy's aspect, and where
+   that fails, upright from the same window (a vignette can favour a rotated window). The
+   score is the correlation of the details (of the luminance when the pretraining image is
+   grayscale); a sample is a copy when it reaches `threshold`. Whole thumbnails of two different images with
    a similar object on a similar background can correlate above 0.95 once aligned; their
    details do not, while a copy's survive JPEG quality 30 and a 2x downscale.
 
 `descriptor=sscd:PATH` uses a learned copy-detection embedding instead (SSCD, `wsl.dedup.sscd`;
 DINOv2's data curation de-duplicates with it): trained for the edits the pixels still miss
-(rotations past a few degrees, overlays that hide a simple scene), fast on a GPU, but its
-weights must be fetched by the user: nothing here downloads them. Pixels need none. Recall per edit, false
-removals and costs: BENCHMARKS.md (`make bench-dedup`).
+(rotations between and past the indexed ones, overlays that hide a simple scene), fast on a
+GPU, but its weights must be fetched by the user: nothing here downloads them. Pixels need
+none. Recall per edit, false removals and costs: BENCHMARKS.md (`make bench-dedup`).
 
 Input shards are processed in parallel, one task a shard, each writing its decisions
 (`decisions/<shard>.json`) through a rename; byte duplicates are then resolved in shard

@@ -31,7 +31,8 @@ FLAT_SHARE = 0.35  # share of a line on a border that is the border's colour (te
 MAX_BOX_AREA = 0.995  # a box nearly the whole image is a view still: bars 1% thick change a thumbnail's detail
 THIN_BARS = 0.98  # a box over this share of the area is kept only inside black or white bars (letterboxing)
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
-FORMAT = "wsl-dedup-2"
+ROTATED_SIDES = (0.8, 0.85, 0.9, 0.95)  # centred windows of a rotated evaluation image (below)
+FORMAT = "wsl-dedup-3"
 # Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
 # IVF index) deadlocks the child's first OpenMP call.
 RERANK = 64  # IVF hits re-ranked by exact similarity
@@ -55,24 +56,20 @@ class DedupConfig:
     prefilter: float = option(0.6, "retrieval similarity below which a sample is not verified at all")
     candidates: int = option(1, "nearest evaluation images verified per sample: verification is the cost", minimum=1)
     max_rotation: float = option(
-        10.0, "largest rotation (degrees, every 5) of a copy that verification tries", minimum=0
+        10.0,
+        "largest rotation (degrees, every 5) of a copy that the index holds windows for and verification tries",
+        minimum=0,
     )
     give_up: float = option(
         0.5,
         "whole-image correlation after the coarse alignment (steps of 2%) below which a candidate is scored "
-        "where it stands: no finer alignment, no rotations (no copy found on `make bench-dedup` lined up "
-        "below 0.57 there; half the verified non-copies do)",
+        "where it stands: no finer alignment, no detail ascent (no copy found on `make bench-dedup` lined up "
+        "below 0.68; 45% of the verified non-copies stop below 0.5)",
     )
     align_min: float = option(
         0.6,
         "whole-image correlation, once aligned, below which the detail is scored where it stands instead of "
         "refined (no copy on `make bench-dedup` aligned below 0.68; most verified non-copies do)",
-    )
-    rotate_min: float = option(
-        0.95,
-        "whole-image correlation once aligned plus detail correlation, upright, below which a candidate is "
-        "not tried rotated (95% of the rotated copies found on `make bench-dedup` were above; a third of "
-        "the non-copies tried were below)",
     )
     overlay_penalty: float = option(
         0.16,
@@ -314,7 +311,10 @@ def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int) -> np.
 
 
 def crop_windows(config: DedupConfig) -> np.ndarray:
-    """(x0, y0, x1, y1) fractions of every crop window on the grid: [W, 4]."""
+    """(x0, y0, x1, y1, degrees) of every window: [W, 5]. The crops on the grid (fractions,
+    upright: 0 degrees), then centred windows of the image rotated by every 5 degrees up to
+    `max_rotation` both ways (ROTATED_SIDES of each side): a copy rotated by 5-10 degrees with
+    its corners cropped keeps 80-92% of each side, and upright windows do not retrieve it."""
     step = config.window_step
     sides = np.round(np.arange(config.min_side, 1.0 + 1e-9, step), 6)
     windows = []
@@ -324,7 +324,12 @@ def crop_windows(config: DedupConfig) -> np.ndarray:
                 continue
             for x0 in np.linspace(0, 1 - fw, max(1, round((1 - fw) / step) + 1)):
                 for y0 in np.linspace(0, 1 - fh, max(1, round((1 - fh) / step) + 1)):
-                    windows.append((x0, y0, x0 + fw, y0 + fh))
+                    windows.append((x0, y0, x0 + fw, y0 + fh, 0.0))
+    for turns in range(1, int(config.max_rotation / 5 + 1e-9) + 1):
+        for degrees in (5.0 * turns, -5.0 * turns):
+            for side in ROTATED_SIDES:
+                margin = (1 - side) / 2
+                windows.append((margin, margin, 1 - margin, 1 - margin, degrees))
     return np.array(windows, dtype=np.float64)
 
 
@@ -472,8 +477,16 @@ class EvalIndex:
 
     @classmethod
     def _window_descriptors(cls, pixels: np.ndarray, windows: np.ndarray) -> np.ndarray:
-        """The coarse descriptors of every window of an image, then of its mirror: [2W, D]."""
-        return np.concatenate([window_thumbnails(view, windows, COARSE) for view in cls._views(pixels)])
+        """The coarse descriptors of every window of an image, then of its mirror: [2W, D]. A
+        rotated window is taken from the image rotated about its centre (the stored square's)."""
+        descriptors = []
+        for view in cls._views(pixels):
+            found = np.empty((len(windows), COARSE * COARSE), np.float32)
+            for degrees in np.unique(windows[:, 4]):
+                rows = windows[:, 4] == degrees
+                found[rows] = window_thumbnails(_turned_pixels(view, float(degrees)), windows[rows, :4], COARSE)
+            descriptors.append(found)
+        return np.concatenate(descriptors)
 
     @classmethod
     def _build_ivf(cls, store: np.ndarray, windows: np.ndarray, config: DedupConfig, path: Path) -> None:
@@ -529,8 +542,8 @@ class EvalIndex:
         after the coarse steps, or below `align_min` after the fine ones, is scored there), then
         on its detail (lines up the texture); where that stays below the threshold, the detail
         over the blocks whose colours agree (an overlay's blocks left out), less
-        `overlay_penalty`; where that does too, on the evaluation image rotated by up to
-        `max_rotation` degrees. A grayscale query is compared
+        `overlay_penalty`. A rotated window is lined up on the evaluation image rotated alike
+        (in the copy's aspect), then, where that fails, upright. A grayscale query is compared
         on luminance, a colour one in RGB."""
         grayscale = is_grayscale(query)
         if grayscale:
@@ -561,55 +574,31 @@ class EvalIndex:
             sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
             return _correlation(query_detail @ b, b @ b - (sums * sums).sum() / 16)
 
-        def align(
-            image: Image.Image, start: np.ndarray, steps: tuple[float, ...], give_up: float = -math.inf
-        ) -> tuple[np.ndarray, float]:
-            return _ascend(functools.partial(whole_correlation, image), start, steps, give_up)
-
-        pixels, window = self._window(row)
-        image = Image.fromarray(np.ascontiguousarray(pixels))
-        image = image.convert("L") if grayscale else image
-        window, aligned = align(image, window, (0.02, 0.01), self.config.give_up)
-        if aligned < max(self.config.give_up, self.config.align_min):  # not a copy: most non-copies
-            return detail_correlation(image, window)
-        refined, best = _ascend(functools.partial(detail_correlation, image), window, (0.005, 0.0025))
-        if best < self.config.copy_threshold:  # stickers, text or a band over the copy?
-            uncovered = _uncovered_correlation(query_pixels, window_pixels(image, refined).reshape(query_pixels.shape))
-            best = max(best, uncovered - self.config.overlay_penalty)
-        if (
-            best >= self.config.copy_threshold
-            or self.config.max_rotation < 5
-            or aligned + best < self.config.rotate_min
-        ):
-            return best
-
-        # A copy rotated by a few degrees (corners cropped) is an upright crop of the evaluation
-        # image rotated alike: the whole thumbnails barely tell, the detail does. Rotations by 5
-        # degrees both ways are lined up; the better one, then further that way while it lines up
-        # better still; its detail is refined where it lines up 0.02 better than upright. The
-        # stored image is square, so the rotation is taken in the copy's aspect (a crop of a
+        # The stored image is square, so a rotation is taken in the copy's aspect (a crop of a
         # rotated image keeps the aspect of the original).
         aspect = query.width / query.height
 
-        def rotated(degrees: float, start: np.ndarray) -> tuple[float, np.ndarray, Image.Image, float]:
-            turned = image.transform(
-                image.size, Image.AFFINE, _rotation_about_centre(degrees, aspect, STORE), Image.BILINEAR
-            )
-            turned_window, turned_aligned = align(turned, start, (0.02,))
-            return turned_aligned, turned_window, turned, degrees
+        give_up = self.config.give_up
 
-        turned_aligned, turned_window, turned, degrees = max(
-            rotated(5.0, window), rotated(-5.0, window), key=lambda found: found[0]
-        )
-        while abs(degrees) + 5 <= self.config.max_rotation + 1e-9:
-            further = rotated(degrees + math.copysign(5.0, degrees), turned_window)
-            if further[0] <= turned_aligned:
-                break
-            turned_aligned, turned_window, turned, degrees = further
-        if turned_aligned < aligned + 0.02:
+        def lined_up(image: Image.Image, window: np.ndarray) -> float:
+            window, aligned = _ascend(functools.partial(whole_correlation, image), window, (0.02, 0.01), give_up)
+            if aligned < max(give_up, self.config.align_min):  # not a copy: most non-copies
+                return detail_correlation(image, window)
+            refined, best = _ascend(functools.partial(detail_correlation, image), window, (0.005, 0.0025))
+            if best < self.config.copy_threshold:  # stickers, text or a band over the copy?
+                covered = window_pixels(image, refined).reshape(query_pixels.shape)
+                best = max(best, _uncovered_correlation(query_pixels, covered) - self.config.overlay_penalty)
             return best
-        _, turned_best = _ascend(functools.partial(detail_correlation, turned), turned_window, (0.005, 0.0025))
-        return max(best, turned_best)
+
+        pixels, window, degrees = self._window(row)
+        image = Image.fromarray(np.ascontiguousarray(pixels))
+        image = image.convert("L") if grayscale else image
+        if not degrees:
+            return lined_up(image, window)
+        # A rotated window: the copy is lined up on the evaluation image rotated alike; where that
+        # fails, upright from the same window (a vignette or a crop can favour a rotated window).
+        best = lined_up(_turned(image, degrees, aspect), window)
+        return best if best >= self.config.copy_threshold else max(best, lined_up(image, window))
 
     def _exact_order(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The IVF index's hits re-ranked by their exact similarity, recomputed from the stored images:
@@ -618,15 +607,17 @@ class EvalIndex:
         order = np.argsort(-exact, kind="stable")
         return exact[order], rows[order]
 
-    def _window(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """What index row `row` stands for: the evaluation image (or its mirror) and the window's fractions."""
+    def _window(self, row: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """What index row `row` stands for: the evaluation image (or its mirror), the window's
+        fractions, and the degrees the image is rotated by before it is cut."""
         owner, rest = divmod(int(row), self.per_image)
         flip, window_id = divmod(rest, len(self.windows))
-        return self._views(np.asarray(self.store[owner]))[flip], self.windows[window_id].copy()
+        window = self.windows[window_id]
+        return self._views(np.asarray(self.store[owner]))[flip], window[:4].copy(), float(window[4])
 
     def _window_thumbnail(self, row: int, size: int) -> np.ndarray:
-        pixels, window = self._window(row)
-        return window_thumbnails(pixels, window[None], size)[0]
+        pixels, window, degrees = self._window(row)
+        return window_thumbnails(_turned_pixels(pixels, degrees), window[None], size)[0]
 
     def match(self, images: list[Image.Image]) -> list[tuple[float, int]]:
         """(verification score, evaluation image) of each pretraining image's best match; (0, -1) if none.
@@ -663,6 +654,16 @@ class EvalIndex:
                         break
             results.append(best)
         return results
+
+
+def _turned(image: Image.Image, degrees: float, aspect: float) -> Image.Image:
+    """A STORE x STORE image rotated by `degrees` about its centre, in an image of width / height `aspect`."""
+    return image.transform(image.size, Image.AFFINE, _rotation_about_centre(degrees, aspect, STORE), Image.BILINEAR)
+
+
+def _turned_pixels(pixels: np.ndarray, degrees: float) -> np.ndarray:
+    """A STORE x STORE x 3 image rotated by `degrees` about its centre (itself where 0)."""
+    return np.asarray(_turned(Image.fromarray(np.ascontiguousarray(pixels)), degrees, 1.0)) if degrees else pixels
 
 
 def _rotation_about_centre(degrees: float, aspect: float, size: int) -> tuple[float, ...]:
