@@ -7,8 +7,9 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    `min_area` of it (each side >= `min_side`, on a grid of `window_step`), centred windows
    (80-95% of each side) of it rotated by 5 and 10 degrees both ways (`max_rotation`: a copy
    rotated with its corners cropped away is such a window, which no upright crop resembles at
-   16 x 16), and their mirror images, each a COARSE x COARSE luminance thumbnail with its mean and contrast normalised
-   away (so brightness, contrast, colour filters and grayscale barely move it), L2-normalised,
+   16 x 16), and their mirror images, each a COARSE x COARSE luminance thumbnail with its mean
+   and contrast normalised away (so brightness, contrast, colour filters and grayscale barely
+   move it), L2-normalised,
    searched exactly (or, for large sets, through a FAISS IVF index). A pretraining image is
    one thumbnail of its whole frame, decoded in JPEG draft mode (the decoder scales by
    1/2..1/8 for free). One of the windows is within half a grid step of any crop, so the right
@@ -28,9 +29,10 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    window is lined up on the evaluation image rotated alike, in the copy's aspect, and where
    that fails, upright from the same window (a vignette can favour a rotated window). The
    score is the correlation of the details (of the luminance when the pretraining image is
-   grayscale); a sample is a copy when it reaches `threshold`. Whole thumbnails of two different images with
-   a similar object on a similar background can correlate above 0.95 once aligned; their
-   details do not, while a copy's survive JPEG quality 30 and a 2x downscale.
+   grayscale); a sample is a copy when it reaches `threshold`. Whole thumbnails of two
+   different images with a similar object on a similar background can correlate above 0.95
+   once aligned; their details do not, while a copy's survive JPEG quality 30 and a 2x
+   downscale.
 
 `descriptor=sscd:PATH` uses a learned copy-detection embedding instead (SSCD, `wsl.dedup.sscd`;
 DINOv2's data curation de-duplicates with it): trained for the edits the pixels still miss

@@ -57,7 +57,7 @@ class DedupConfig:
     candidates: int = option(1, "nearest evaluation images verified per sample: verification is the cost", minimum=1)
     max_rotation: float = option(
         10.0,
-        "largest rotation (degrees, every 5) of a copy that the index holds windows for and verification tries",
+        "largest rotation (degrees, in steps of 5, both ways) of a copy that the index holds windows for",
         minimum=0,
     )
     give_up: float = option(
