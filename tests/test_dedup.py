@@ -21,7 +21,17 @@ from PIL import Image
 
 from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_evaluation_photographs
 from wsl.data.demo import planted_duplicates, synthetic_decisions
-from wsl.dedup.index import FINE, EvalIndex, _uncovered_correlation, build_index, content_boxes, detail, pixels_of
+from wsl.data.shards import read_shard_samples, sample_image_bytes
+from wsl.dedup.index import (
+    FINE,
+    EvalIndex,
+    _uncovered_correlation,
+    build_index,
+    content_boxes,
+    detail,
+    pixels_of,
+    retrieval_descriptor,
+)
 from wsl.dedup.run import REPORT_FILE, DedupConfig, run_dedup
 
 
@@ -102,6 +112,32 @@ def test_the_detail_outside_stickers_matches_the_original_and_the_other_view_of_
     assert min(plain) < DedupConfig().copy_threshold < 0.99 < min(uncovered), (plain, uncovered)
     twin = _uncovered_correlation(fine(others["motorcycle_right.png"]), fine(photos["motorcycle_left.png"]))
     assert twin < 0.5
+
+
+def test_copies_under_stickers_are_shortlisted_with_their_original_first_more_often_than_by_similarity(tmp_path):
+    """Stickers move a few of a copy's coarse cells far from its original's, so similarity alone can
+    rank another of the demo's alike scenes first; the shortlist's order, which also scores the
+    cells that agree, puts the original first more often, and no less often for plain copies."""
+    truth = planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=1, num_others=0)
+    index = build_index([str(tmp_path / "data" / "eval")], DedupConfig(), tmp_path / "work")
+    rng = np.random.default_rng(0)
+    originals = {f"eval/{p.parent.name}/{p.stem}": p.read_bytes() for p in (tmp_path / "data" / "eval").rglob("*.JPEG")}
+    stickers = [(key, edited_copy(data, "stickers + text", rng)) for key, data in originals.items()]
+    plain = [(truth[s["__key__"]], sample_image_bytes(s)) for s in read_shard_samples(_tars(tmp_path / "data"))]
+    for copies, gain in ((stickers, 8), (plain, 0)):
+        by_similarity = first_in_shortlist = 0
+        for key, data in copies:
+            query = retrieval_descriptor(index.decode(data))
+            similarity, rows = index.coarse_search(query[None], 10)
+            by_similarity += index.keys[rows[0, 0] // index.per_image] == key
+            first_in_shortlist += (
+                index.keys[index._shortlist(query, similarity[0], rows[0])[0] // index.per_image] == key
+            )
+        assert first_in_shortlist >= by_similarity + gain, (first_in_shortlist, by_similarity, len(copies))
+
+
+def _tars(folder: Path) -> list[str]:
+    return [str(p) for p in sorted((folder / "shards").glob("*.tar"))]
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:

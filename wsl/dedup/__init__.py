@@ -13,7 +13,10 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    searched exactly (or, for large sets, through a FAISS IVF index). A pretraining image is
    one thumbnail of its whole frame, decoded in JPEG draft mode (the decoder scales by
    1/2..1/8 for free). One of the windows is within half a grid step of any crop, so the right
-   evaluation image is among the nearest `candidates` images. An image whose photo may sit
+   evaluation image is among the nearest. The 10 nearest images are ordered by the mean of
+   that similarity and of the similarity over the 90% of cells that agree best (stickers or a
+   band move a few cells far, which can rank another image first); verification takes the
+   first `candidates`. An image whose photo may sit
    inside a plain frame, letterbox or screenshot bars (rows and columns that are digitally
    flat, or carry a line of text on a flat colour), above a caption band, or on a story's
    blurred background (smooth rows, or a symmetric pair of straight edges with quieter rows
