@@ -177,7 +177,8 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
     - between a symmetric pair of straight horizontal edges with quieter rows outside them (a
       story's photo, whatever its own edge rows hold: `_between_straight_edges`).
     A border starts at the image's edge and runs inward over border lines and over gaps of at
-    most 8% of the side (flat borders only); rows first, then columns within them. Each box is
+    most 8% of the side between runs of border lines at least half as long (flat borders only:
+    `_inside_borders`); rows first, then columns within them. Each box is
     moved 1% inward; boxes over MAX_BOX_AREA of the area or under 20% of it are left out, and so
     is a repeated one, and one over THIN_BARS unless what lies outside it is black or white."""
     grey = np.asarray(image.convert("L"), dtype=np.int16)
@@ -276,12 +277,18 @@ def _middle(lines: np.ndarray) -> np.ndarray:
 def _inside_borders(border: np.ndarray, gap: float = 0.08) -> tuple[int, int]:
     """(start, end) of what lies between the borders at both ends of a 1-d mask of border
     lines: each border runs from its end inward over border lines and over gaps of other lines
-    at most `gap` of the length long; (0, 0) if the borders meet."""
+    at most `gap` of the length long whose runs of border lines on both sides (beyond the end,
+    all) are each at least half as long as the gap: JPEG ringing between a bar and a band, a
+    caption's line of text, a screenshot's bar of icons at the edge; not the one-line courses
+    of a brick wall, or stripes, a few lines apart. (0, 0) if the borders meet."""
+    length = len(border)
     closed = border.copy()
-    edges = np.flatnonzero(np.diff(np.r_[1, border.astype(np.int8), 1]))  # runs of other lines
-    for start, end in zip(edges[::2], edges[1::2]):
-        if end - start <= gap * len(border) < len(border):
-            closed[start:end] = True
+    edges = np.flatnonzero(np.diff(np.r_[0, border.astype(np.int8), 0]))
+    runs = [(-length, 0), *zip(edges[::2], edges[1::2]), (length, 2 * length)]  # of border lines
+    for (start, end), (next_start, next_end) in zip(runs, runs[1:]):
+        between = next_start - end
+        if between <= gap * length and 2 * min(end - start, next_end - next_start) >= between:
+            closed[end:next_start] = True
     inside = np.flatnonzero(~closed)
     return (int(inside[0]), int(inside[-1]) + 1) if len(inside) else (0, 0)
 
