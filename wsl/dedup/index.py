@@ -611,27 +611,29 @@ class EvalIndex:
         best = lined_up(_turned(image, degrees, aspect), window)
         return best if best >= self.config.copy_threshold else max(best, lined_up(image, window))
 
-    def _exact_order(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The IVF index's hits re-ranked by their exact similarity, recomputed from the stored images:
-        PCA and 8-bit codes change the similarities, and the prefilter is defined on exact ones."""
-        exact = np.array([query @ self._window_thumbnail(int(row), COARSE) for row in rows], dtype=np.float32)
+    def _exact_order(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The IVF index's hits re-ranked by their exact similarity, recomputed from the stored images
+        (PCA and 8-bit codes change the similarities, and the prefilter is defined on exact ones):
+        (similarities, rows, the rows' descriptors), best first."""
+        descriptors = np.array([self._window_thumbnail(int(row), COARSE) for row in rows], np.float32)
+        exact = np.array([query @ descriptor for descriptor in descriptors], dtype=np.float32)
         order = np.argsort(-exact, kind="stable")
-        return exact[order], rows[order]
+        return exact[order], rows[order], descriptors[order]
 
-    def _shortlist(self, query: np.ndarray, sims: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _shortlist(
+        self, query: np.ndarray, sims: np.ndarray, rows: np.ndarray, descriptors: np.ndarray | None = None
+    ) -> np.ndarray:
         """The nearest window of each of the SHORTLIST nearest evaluation images (verification's
         starting points), ordered by the mean of their similarity and their `_trimmed_similarity`:
         stickers or a caption band move a few cells of a copy's descriptor far from its original's,
         which can rank another image first. On `make bench-dedup` this ordering brought the right
         image first for 42 of 49 copies under stickers (37 by similarity alone), and for no fewer of
-        any other edit's copies."""
+        any other edit's copies. `descriptors`: the rows' own, where `_exact_order` computed them
+        (IVF); otherwise read from the exact index."""
         owners = rows // self.per_image
         first = np.sort(np.unique(owners, return_index=True)[1])[: max(SHORTLIST, self.config.candidates)]
         rows = rows[first]
-        if isinstance(self.windows_index, np.ndarray):
-            descriptors = np.asarray(self.windows_index[rows])
-        else:
-            descriptors = np.stack([self._window_thumbnail(int(row), COARSE) for row in rows])
+        descriptors = np.asarray(self.windows_index[rows]) if descriptors is None else descriptors[first]
         order = np.argsort(-(sims[first] + _trimmed_similarity(query, descriptors)), kind="stable")
         return rows[order]
 
@@ -663,13 +665,13 @@ class EvalIndex:
         for image_views in views:
             best = (0.0, -1)
             for view in image_views:
-                query, sims, found = coarse[view_id], similarity[view_id], rows[view_id]
+                query, sims, found, descriptors = coarse[view_id], similarity[view_id], rows[view_id], None
                 view_id += 1
                 if not isinstance(self.windows_index, np.ndarray):
-                    sims, found = self._exact_order(query, found[found >= 0][:RERANK])
+                    sims, found, descriptors = self._exact_order(query, found[found >= 0][:RERANK])
                 if not len(found) or sims[0] < self.config.prefilter or best[0] >= self.config.copy_threshold:
                     continue
-                for row in self._shortlist(query, sims, found)[: self.config.candidates]:
+                for row in self._shortlist(query, sims, found, descriptors)[: self.config.candidates]:
                     score = self._verify(view, int(row))
                     if score > best[0]:
                         best = (score, int(row) // self.per_image)
