@@ -21,7 +21,7 @@ from PIL import Image
 
 from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_evaluation_photographs
 from wsl.data.demo import planted_duplicates, synthetic_decisions
-from wsl.data.shards import read_shard_samples, sample_image_bytes
+from wsl.data.shards import expand_shard_spec, read_shard_samples, sample_image_bytes
 from wsl.dedup.index import (
     FINE,
     EvalIndex,
@@ -123,7 +123,8 @@ def test_copies_under_stickers_are_shortlisted_with_their_original_first_more_of
     rng = np.random.default_rng(0)
     originals = {f"eval/{p.parent.name}/{p.stem}": p.read_bytes() for p in (tmp_path / "data" / "eval").rglob("*.JPEG")}
     stickers = [(key, edited_copy(data, "stickers + text", rng)) for key, data in originals.items()]
-    plain = [(truth[s["__key__"]], sample_image_bytes(s)) for s in read_shard_samples(_tars(tmp_path / "data"))]
+    shards = expand_shard_spec(tmp_path / "data" / "shards")
+    plain = [(truth[s["__key__"]], sample_image_bytes(s)) for s in read_shard_samples(shards)]
     for copies, gain in ((stickers, 8), (plain, 0)):
         queries = np.stack([retrieval_descriptor(index.decode(data)) for _, data in copies])
         similarity, rows = index.coarse_search(queries, 10)
@@ -132,10 +133,6 @@ def test_copies_under_stickers_are_shortlisted_with_their_original_first_more_of
             by_similarity += index.keys[found[0] // index.per_image] == key
             first_in_shortlist += index.keys[index._shortlist(query, sims, found)[0] // index.per_image] == key
         assert first_in_shortlist >= by_similarity + gain, (first_in_shortlist, by_similarity, len(copies))
-
-
-def _tars(folder: Path) -> list[str]:
-    return [str(p) for p in sorted((folder / "shards").glob("*.tar"))]
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
