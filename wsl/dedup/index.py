@@ -311,14 +311,24 @@ def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int) -> np.
     resize a window)."""
     pixels = luminance(pixels)
     height, width, channels = pixels.shape
-    xs, x_of = np.unique(windows[:, [0, 2]], axis=0, return_inverse=True)
-    ys, y_of = np.unique(windows[:, [1, 3]], axis=0, return_inverse=True)
-    across = _coverage(xs * width, size, width).astype(np.float32).reshape(-1, width)
-    down = _coverage(ys * height, size, height).astype(np.float32).reshape(-1, height)
+    across, down, x_of, y_of = _area_weights(np.ascontiguousarray(windows, np.float64).tobytes(), size, height, width)
     rows = (down @ pixels.astype(np.float32).reshape(height, width * channels)).reshape(-1, width, channels)
     cells = rows.transpose(0, 2, 1).reshape(-1, width) @ across.T  # [Ky * size * C, Kx * size]
-    cells = cells.reshape(len(ys), size, channels, len(xs), size).transpose(0, 3, 1, 4, 2)
-    return normalised(cells[y_of.ravel(), x_of.ravel()])
+    cells = cells.reshape(len(down) // size, size, channels, len(across) // size, size).transpose(0, 3, 1, 4, 2)
+    return normalised(cells[y_of, x_of])
+
+
+@functools.lru_cache(maxsize=16)
+def _area_weights(windows: bytes, size: int, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """`window_thumbnails`' averaging weights for windows (fractions, float64 [W, 4] as bytes) of a
+    height x width image: (across [Kx * size, width], down [Ky * size, height], each window's x and
+    y interval). The same for every image of a size: an index computes them once, not per image."""
+    fractions = np.frombuffer(windows, np.float64).reshape(-1, 4)
+    xs, x_of = np.unique(fractions[:, [0, 2]], axis=0, return_inverse=True)
+    ys, y_of = np.unique(fractions[:, [1, 3]], axis=0, return_inverse=True)
+    across = _coverage(xs * width, size, width).astype(np.float32).reshape(-1, width)
+    down = _coverage(ys * height, size, height).astype(np.float32).reshape(-1, height)
+    return across, down, x_of.ravel(), y_of.ravel()
 
 
 def crop_windows(config: DedupConfig) -> np.ndarray:
