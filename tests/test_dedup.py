@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from conftest import random_sscd_weights, write_tar
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_evaluation_photographs
 from wsl.data.demo import planted_duplicates, synthetic_decisions
@@ -182,6 +182,30 @@ def test_a_caption_band_over_brick_courses_or_stripes_is_boxed_whose_flat_lines_
     # of 100; the caption band's was 92 when a border bridged any gap of up to 8% of the side
     least = {"white frame": 100, "screenshot bars": 92, "story, blurred bg": 97, "caption band 16%": 95}
     assert all(boxed[edit] >= least[edit] for edit in boxed), boxed
+
+
+def test_a_screenshots_white_margins_that_ring_with_jpeg_are_trimmed_inside_its_bars():
+    """Margins narrower than a JPEG block ring beside the photo, so their columns are not flat
+    where the bars' rows are left out; they are smooth, so the smooth kind of border searched
+    inside the flat kind's box trims them: a view of the photo alone, which verification (it can
+    only shrink a view) needs."""
+    rng = np.random.default_rng(0)
+    canvas = np.full((240, 180, 3), 245, np.uint8)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((160, 120), Image.BICUBIC)
+    canvas[50:170, 10:170] = np.asarray(photo)
+    for start, end in ((0, 10), (170, 180)):  # the margins beside the photo, +-4 grey levels
+        canvas[50:170, start:end] = 245 + rng.integers(-4, 5, (120, end - start, 1))
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 0, 180, 20), fill=(40, 40, 40))
+    draw.text((10, 25), "user_name  follow", fill=(20, 20, 20))
+    draw.rectangle((0, 210, 180, 240), fill=(40, 40, 40))
+    for i in range(4):
+        draw.ellipse((20 + 40 * i, 218, 32 + 40 * i, 230), fill=(200, 200, 200))
+    photo_box = (10, 50, 170, 170)
+    boxes = content_boxes(image)
+    inside = [box for box in boxes if all(abs(a - b) <= 2 for a, b in zip(box, photo_box))]
+    assert inside, boxes
 
 
 def _photo_box(edit: str, w: int, h: int) -> tuple[tuple[int, ...], tuple[int, int]]:

@@ -29,6 +29,7 @@ COARSE = 16  # retrieval thumbnail side
 FINE = 48  # verification thumbnail side
 FLAT_SHARE = 0.35  # share of a line on a border that is the border's colour (text on a bar)
 MAX_BOX_AREA = 0.995  # a box nearly the whole image is a view still: bars 1% thick change a thumbnail's detail
+INNER_TRIM = 0.03  # a box found inside another's is a view where it trims this share of a side (`content_boxes`)
 THIN_BARS = 0.98  # a box over this share of the area is kept only inside black or white bars (letterboxing)
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 ROTATED_SIDES = (0.8, 0.85, 0.9, 0.95)  # centred windows of a rotated evaluation image (below)
@@ -178,16 +179,25 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
       story's photo, whatever its own edge rows hold: `_between_straight_edges`).
     A border starts at the image's edge and runs inward over border lines and over gaps of at
     most 8% of the side between runs of border lines at least half as long (flat borders only:
-    `_inside_borders`); rows first, then columns within them. Each box is
+    `_inside_borders`); rows first, then columns within them. Then each kind is searched once
+    more inside the other's box, kept where it trims at least INNER_TRIM of a side: layers of
+    canvas whose lines are not all border across the outer layer (a screenshot's white margins,
+    ringing with JPEG near the photo, inside its bars of text and icons). Each box is
     moved 1% inward; boxes over MAX_BOX_AREA of the area or under 20% of it are left out, and so
     is a repeated one, and one over THIN_BARS unless what lies outside it is black or white."""
     grey = np.asarray(image.convert("L"), dtype=np.int16)
+    flat, smooth = (_inside_borders_of(grey, *kind) for kind in _BORDER_KINDS)
+    found = [flat, smooth, (*_between_straight_edges(grey), 0, grey.shape[1])]
+    for (top, bottom, left, right), kind in zip((flat, smooth), _BORDER_KINDS[::-1]):
+        if 0.2 * grey.size <= (bottom - top) * (right - left) < grey.size:  # a border of this kind: the other inside
+            inner_top, inner_bottom, inner_left, inner_right = _inside_borders_of(grey[top:bottom, left:right], *kind)
+            trimmed = (
+                max(inner_top, bottom - top - inner_bottom) / (bottom - top),
+                max(inner_left, right - left - inner_right) / (right - left),
+            )
+            if max(trimmed) >= INNER_TRIM:
+                found.append((top + inner_top, top + inner_bottom, left + inner_left, left + inner_right))
     boxes: list[tuple[int, int, int, int]] = []
-    found = []
-    for border, gap in ((_flat_lines, 0.08), (_smooth_lines, 0.0)):
-        top, bottom = _inside_borders(border(grey), gap)
-        found.append((top, bottom, *_inside_borders(border(grey[top:bottom].T), gap)))
-    found.append((*_between_straight_edges(grey), 0, grey.shape[1]))
     for top, bottom, left, right in found:
         area = (bottom - top) * (right - left) / grey.size
         if area > THIN_BARS and not _black_or_white_outside(grey, top, bottom, left, right):
@@ -198,6 +208,13 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
             if box not in boxes:
                 boxes.append(box)
     return boxes
+
+
+def _inside_borders_of(grey: np.ndarray, border: Callable[[np.ndarray], np.ndarray], gap: float) -> tuple[int, ...]:
+    """(top, bottom, left, right) of what lies inside a grey image's borders of one kind
+    (`_inside_borders`): rows first, then columns within them."""
+    top, bottom = _inside_borders(border(grey), gap)
+    return (top, bottom, *_inside_borders(border(grey[top:bottom].T), gap))
 
 
 def _black_or_white_outside(grey: np.ndarray, top: int, bottom: int, left: int, right: int) -> bool:
@@ -238,9 +255,13 @@ def _smooth_lines(grey: np.ndarray) -> np.ndarray:
         return np.zeros(len(grey), bool)
     along = np.abs(np.diff(grey, axis=1)).mean(axis=1)
     across = np.abs(np.diff(grey, axis=0)).mean(axis=1)
-    across = np.maximum(np.r_[across, 0], np.r_[0, across])
+    across = np.concatenate(([0.0], across, [0.0]))  # a row's steps to the rows above and below
+    across = np.maximum(across[1:], across[:-1])
     steps = np.maximum(along, across)
     return steps < 0.25 * np.percentile(steps, 90)
+
+
+_BORDER_KINDS = ((_flat_lines, 0.08), (_smooth_lines, 0.0))  # (which lines are border, gap bridged)
 
 
 def _between_straight_edges(grey: np.ndarray) -> tuple[int, int]:
@@ -253,7 +274,8 @@ def _between_straight_edges(grey: np.ndarray) -> tuple[int, int]:
     if height < 20:
         return 0, height
     steps = _middle(np.abs(np.diff(grey, axis=0)))  # steps[y]: between rows y and y + 1
-    near = np.max([np.roll(steps, shift) for shift in range(-2, 3)], axis=0)  # the best within 2 rows
+    wrapped = np.concatenate((steps[-2:], steps, steps[:2]))
+    near = np.lib.stride_tricks.sliding_window_view(wrapped, 5).max(axis=1)  # the best within 2 rows (cyclic)
     upper = np.arange(round(0.05 * height), round(0.45 * height))
     pair = np.minimum(steps[upper], near[height - 2 - upper])
     best = int(np.argmax(pair))
@@ -263,7 +285,7 @@ def _between_straight_edges(grey: np.ndarray) -> tuple[int, int]:
     partner = height - 2 - top + 1
     bottom = partner - 2 + int(np.argmax(steps[partner - 2 : partner + 3])) + 1
     along = np.abs(np.diff(grey, axis=1)).mean(axis=1)
-    if np.r_[along[:top], along[bottom:]].mean() >= 0.5 * along[top:bottom].mean():
+    if np.concatenate((along[:top], along[bottom:])).mean() >= 0.5 * along[top:bottom].mean():
         return 0, height  # outside as busy as inside: lines of the photo itself (brick courses)
     return top, bottom
 
@@ -283,7 +305,7 @@ def _inside_borders(border: np.ndarray, gap: float = 0.08) -> tuple[int, int]:
     of a brick wall, or stripes, a few lines apart. (0, 0) if the borders meet."""
     length = len(border)
     closed = border.copy()
-    edges = np.flatnonzero(np.diff(np.r_[0, border.astype(np.int8), 0]))
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], border.astype(np.int8), [0]))))
     runs = [(-length, 0), *zip(edges[::2], edges[1::2]), (length, 2 * length)]  # of border lines
     for (start, end), (next_start, next_end) in zip(runs, runs[1:]):
         between = next_start - end
