@@ -348,7 +348,9 @@ def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int) -> np.
     resize a window)."""
     pixels = luminance(pixels)
     height, width, channels = pixels.shape
-    across, down, x_of, y_of = _area_weights(np.ascontiguousarray(windows, np.float64).tobytes(), size, height, width)
+    across, down, x_of, y_of = _area_weights(
+        np.ascontiguousarray(windows[:, :4], np.float64).tobytes(), size, height, width
+    )
     rows = (down @ pixels.astype(np.float32).reshape(height, width * channels)).reshape(-1, width, channels)
     cells = rows.transpose(0, 2, 1).reshape(-1, width) @ across.T  # [Ky * size * C, Kx * size]
     cells = cells.reshape(len(down) // size, size, channels, len(across) // size, size).transpose(0, 3, 1, 4, 2)
@@ -365,7 +367,10 @@ def _area_weights(windows: bytes, size: int, height: int, width: int) -> tuple[n
     ys, y_of = np.unique(fractions[:, [1, 3]], axis=0, return_inverse=True)
     across = _coverage(xs * width, size, width).astype(np.float32).reshape(-1, width)
     down = _coverage(ys * height, size, height).astype(np.float32).reshape(-1, height)
-    return across, down, x_of.ravel(), y_of.ravel()
+    weights = across, down, x_of.ravel(), y_of.ravel()
+    for array in weights:
+        array.flags.writeable = False  # shared by every call that hits the cache
+    return weights
 
 
 def crop_windows(config: DedupConfig) -> np.ndarray:
