@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 COARSE = 16  # retrieval thumbnail side
 FINE = 48  # verification thumbnail side
 FLAT_SHARE = 0.35  # share of a line on a border that is the border's colour (text on a bar)
+MIN_BOX_AREA = 0.2  # a smaller box is left out: a detail of the photo, not the photo
 MAX_BOX_AREA = 0.995  # a box nearly the whole image is a view still: bars 1% thick change a thumbnail's detail
 INNER_TRIM = 0.03  # a box found inside another's is a view where it trims this share of a side (`content_boxes`)
 THIN_BARS = 0.98  # a box over this share of the area is kept only inside black or white bars (letterboxing)
@@ -183,13 +184,13 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
     more inside the other's box, kept where it trims at least INNER_TRIM of a side: layers of
     canvas whose lines are not all border across the outer layer (a screenshot's white margins,
     ringing with JPEG near the photo, inside its bars of text and icons). Each box is
-    moved 1% inward; boxes over MAX_BOX_AREA of the area or under 20% of it are left out, and so
+    moved 1% inward; boxes over MAX_BOX_AREA of the area or under MIN_BOX_AREA of it are left out, and so
     is a repeated one, and one over THIN_BARS unless what lies outside it is black or white."""
     grey = np.asarray(image.convert("L"), dtype=np.int16)
     flat, smooth = (_inside_borders_of(grey, *kind) for kind in _BORDER_KINDS)
     found = [flat, smooth, (*_between_straight_edges(grey), 0, grey.shape[1])]
     for (top, bottom, left, right), kind in zip((flat, smooth), _BORDER_KINDS[::-1]):
-        if 0.2 * grey.size <= (bottom - top) * (right - left) < grey.size:  # a border of this kind: the other inside
+        if MIN_BOX_AREA * grey.size <= (bottom - top) * (right - left) < grey.size:  # a border: the other kind inside
             inner_top, inner_bottom, inner_left, inner_right = _inside_borders_of(grey[top:bottom, left:right], *kind)
             trimmed = (
                 max(inner_top, bottom - top - inner_bottom) / (bottom - top),
@@ -202,7 +203,7 @@ def content_boxes(image: Image.Image) -> list[tuple[int, int, int, int]]:
         area = (bottom - top) * (right - left) / grey.size
         if area > THIN_BARS and not _black_or_white_outside(grey, top, bottom, left, right):
             continue  # thin flat lines of another colour at an edge: mostly the photo's own
-        if 0.2 <= area <= MAX_BOX_AREA:
+        if MIN_BOX_AREA <= area <= MAX_BOX_AREA:
             dy, dx = round(0.01 * (bottom - top)), round(0.01 * (right - left))
             box = (left + dx, top + dy, right - dx, bottom - dy)
             if box not in boxes:
