@@ -23,14 +23,17 @@ from wsl.data.copies import edited_copy, non_copy_crops, photographs, write_eval
 from wsl.data.demo import planted_duplicates, synthetic_decisions
 from wsl.data.shards import expand_shard_spec, read_shard_samples, sample_image_bytes
 from wsl.dedup.index import (
+    COARSE,
     FINE,
     EvalIndex,
+    _turned_pixels,
     _uncovered_correlation,
     build_index,
     content_boxes,
     detail,
     pixels_of,
     retrieval_descriptor,
+    window_thumbnails,
 )
 from wsl.dedup.run import REPORT_FILE, DedupConfig, run_dedup
 
@@ -321,6 +324,23 @@ def test_the_compressed_ivf_window_index_removes_the_same_samples_as_the_exact_o
     assert not (tmp_path / "ivf" / "_dedup" / "eval-windows.npy").exists()
     assert len(removed["flat"]) >= 17  # of the 20 planted copies (the recall bar is tested on 200 above)
     assert removed["ivf"] == removed["flat"]
+
+
+def test_the_ivf_hits_are_re_ranked_on_the_descriptors_the_windows_have_alone(tmp_path):
+    """`_exact_order` recomputes the IVF hits' descriptors with the weights of the whole window
+    set (one cache entry): each row's floats are those of `window_thumbnails` of its window alone,
+    whichever rows come with it, upright, mirrored or rotated."""
+    _, against = _small_set(tmp_path)
+    index = build_index([str(against)], DedupConfig(index="ivf", nlist=4), tmp_path / "work")
+    rows = np.random.default_rng(0).integers(0, len(index.keys) * index.per_image, 200)
+    rows = np.concatenate([rows, [index.per_image - 1, len(index.windows)]])  # the last rotated, the first mirrored
+    alone = []
+    for row in rows:
+        pixels, window, degrees = index._window(int(row))
+        alone.append(window_thumbnails(_turned_pixels(pixels, degrees), window[None], COARSE)[0])
+    assert np.array_equal(index._row_descriptors(rows), np.array(alone))
+    assert np.array_equal(index._row_descriptors(rows[::-1])[::-1], np.array(alone))
+    assert len({index._window(int(row))[2] for row in rows}) > 1  # rotated windows among them
 
 
 CLASSIFY = """
