@@ -343,6 +343,21 @@ def test_the_ivf_hits_are_re_ranked_on_the_descriptors_the_windows_have_alone(tm
     assert len({index._window(int(row))[2] for row in rows}) > 1  # rotated windows among them
 
 
+def test_the_ivf_hits_re_ranked_reach_past_the_windows_of_the_few_nearest_images(tmp_path):
+    """An image's windows lie near one another, so the IVF index's nearest 64 can all be one
+    image's: `_spread` adds the nearest 4 windows of each next image until 10 images are held."""
+    _, against = _small_set(tmp_path)
+    index = build_index([str(against)], DedupConfig(index="ivf", nlist=4), tmp_path / "work")
+    per_image = index.per_image
+    crowded = np.arange(100)  # the first image's nearest 100 windows
+    hits = np.concatenate([crowded, *(image * per_image + np.arange(6) for image in range(1, 13))])
+    spread = index._spread(hits)
+    assert np.array_equal(spread[:64], crowded[:64])
+    assert np.array_equal(spread[64:], np.concatenate([image * per_image + np.arange(4) for image in range(1, 10)]))
+    assert len(np.unique(spread // per_image)) == 10
+    assert np.array_equal(index._spread(hits[:50]), hits[:50])
+
+
 CLASSIFY = """
 import hashlib, json, resource, sys
 from pathlib import Path
