@@ -155,7 +155,7 @@ bench-knn: install-dev
 	$(BIN)/python pipelines/bench/knn.py
 
 bench-dedup: install-dev
-	$(BIN)/python pipelines/bench/dedup.py --out bench/dedup
+	$(BIN)/python pipelines/bench/dedup.py --out bench/dedup $(ARGS)
 
 bench-dedup-memory: install-dev
 	$(BIN)/python pipelines/bench/dedup_memory.py

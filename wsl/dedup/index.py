@@ -678,9 +678,10 @@ class EvalIndex:
     def _spread(self, rows: np.ndarray) -> np.ndarray:
         """The IVF index's nearest RERANK hits (best first), then, where they hold fewer than
         SHORTLIST evaluation images, the nearest RERANK_PER_IMAGE windows of each next image among
-        the hits until SHORTLIST are held. An image's ~1,000 windows lie near one another: on
-        `make bench-dedup` the nearest 64 held 5-8 images, and colour-filtered copies' originals
-        came 133rd-260th (the exact search takes each image's best window alone)."""
+        the hits until SHORTLIST (or `candidates`) are held. An image's ~1,000 windows lie near
+        one another: on `make bench-dedup` the nearest 64 held 5-8 images, and colour-filtered
+        copies' originals came 133rd-260th (the exact search takes each image's best window alone)."""
+        images = max(SHORTLIST, self.config.candidates)  # as many as `_shortlist` reads
         owners = (rows // self.per_image).tolist()
         held = set(owners[:RERANK])
         taken: dict[int, int] = {}  # windows taken of each further image
@@ -688,7 +689,7 @@ class EvalIndex:
         for row, owner in zip(rows[RERANK:].tolist(), owners[RERANK:]):
             if owner in held or taken.get(owner, 0) >= RERANK_PER_IMAGE:
                 continue
-            if owner not in taken and len(held) + len(taken) >= SHORTLIST:
+            if owner not in taken and len(held) + len(taken) >= images:
                 continue
             taken[owner] = taken.get(owner, 0) + 1
             further.append(row)
