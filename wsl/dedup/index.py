@@ -351,13 +351,16 @@ def window_thumbnails(pixels: np.ndarray, windows: np.ndarray, size: int) -> np.
     resize a window)."""
     pixels = luminance(pixels)
     height, width, channels = pixels.shape
-    across, down, x_of, y_of = _area_weights(
-        np.ascontiguousarray(windows[:, :4], np.float64).tobytes(), size, height, width
-    )
+    across, down, x_of, y_of = _window_weights(windows, size, height, width)
     rows = (down @ pixels.astype(np.float32).reshape(height, width * channels)).reshape(-1, width, channels)
     cells = rows.transpose(0, 2, 1).reshape(-1, width) @ across.T  # [Ky * size * C, Kx * size]
     cells = cells.reshape(len(down) // size, size, channels, len(across) // size, size).transpose(0, 3, 1, 4, 2)
     return normalised(cells[y_of, x_of])
+
+
+def _window_weights(windows: np.ndarray, size: int, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """`_area_weights` of windows (fractions, [W, >= 4]; the first 4 columns are read), cached by them."""
+    return _area_weights(np.ascontiguousarray(windows[:, :4], np.float64).tobytes(), size, height, width)
 
 
 @functools.lru_cache(maxsize=16)
@@ -712,11 +715,17 @@ class EvalIndex:
         order = np.argsort(-(sims[first] + _trimmed_similarity(query, descriptors)), kind="stable")
         return rows[order]
 
+    def _locate(self, row: int) -> tuple[int, int, int]:
+        """(evaluation image, 1 where mirrored, window) of index row `row`: each image's windows,
+        then its mirror's."""
+        owner, rest = divmod(int(row), self.per_image)
+        flip, window_id = divmod(rest, len(self.windows))
+        return owner, flip, window_id
+
     def _window(self, row: int) -> tuple[np.ndarray, np.ndarray, float]:
         """What index row `row` stands for: the evaluation image (or its mirror), the window's
         fractions, and the degrees the image is rotated by before it is cut."""
-        owner, rest = divmod(int(row), self.per_image)
-        flip, window_id = divmod(rest, len(self.windows))
+        owner, flip, window_id = self._locate(row)
         window = self.windows[window_id]
         return self._views(np.asarray(self.store[owner]))[flip], window[:4].copy(), float(window[4])
 
@@ -728,14 +737,11 @@ class EvalIndex:
         the IVF path, most of its time). One row at a time, in fixed shapes: a row's floats do
         not depend on which rows come with it (the same floats as `window_thumbnails` of that
         window alone)."""
-        across, down, x_of, y_of = _area_weights(
-            np.ascontiguousarray(self.windows[:, :4], np.float64).tobytes(), COARSE, STORE, STORE
-        )
+        across, down, x_of, y_of = _window_weights(self.windows, COARSE, STORE, STORE)
         grey: dict[tuple[int, int, float], np.ndarray] = {}  # luminance of each (image, mirror, rotation)
         cells = np.empty((len(rows), COARSE, COARSE, 1), np.float32)
         for i, row in enumerate(rows):
-            owner, rest = divmod(int(row), self.per_image)
-            flip, window_id = divmod(rest, len(self.windows))
+            owner, flip, window_id = self._locate(row)
             key = (owner, flip, float(self.windows[window_id, 4]))
             if key not in grey:
                 pixels = self._views(np.asarray(self.store[owner]))[flip]
