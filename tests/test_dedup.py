@@ -117,6 +117,35 @@ def test_the_detail_outside_stickers_matches_the_original_and_the_other_view_of_
     assert twin < 0.5
 
 
+def test_crops_of_a_stereo_twin_on_small_windows_are_kept_and_half_of_a_photo_is_still_found(tmp_path):
+    """Verification may shrink a window to half of each side, where crops of the stereo twin of
+    an evaluation photo (the same scene from a few cm aside) line up as closely as a copy does at
+    this resolution. A window under 90% of `min_area` scores `small_window_penalty` less: the
+    twin's crops are kept, and a crop of half of an evaluation photo is still a copy."""
+    write_evaluation_photographs(tmp_path / "eval" / "photos")
+    build_index([str(tmp_path / "eval")], DedupConfig(), tmp_path / "work")
+    photos, others = photographs()
+    twins = non_copy_crops({"motorcycle_right": others["motorcycle_right.png"]}, 60, np.random.default_rng(0))
+    halves = {}
+    for name, photo in photos.items():  # 70% of each side: 49% of the area, JPEG quality 90
+        w, h = photo.size
+        buffer = io.BytesIO()
+        photo.crop((round(0.1 * w), round(0.2 * h), round(0.8 * w), round(0.9 * h))).save(buffer, "JPEG", quality=90)
+        halves[f"eval/photos/{Path(name).stem}"] = buffer.getvalue()
+    for penalty in (0.0, DedupConfig().small_window_penalty):
+        config = DedupConfig(small_window_penalty=penalty)
+        index = EvalIndex.open(tmp_path / "work", config)
+        twin_scores = sorted(score for score, _ in index.match([index.decode(crop) for crop in twins]))
+        found = [
+            key
+            for key, (score, owner) in zip(halves, index.match([index.decode(data) for data in halves.values()]))
+            if score >= config.copy_threshold and index.keys[owner] == key
+        ]
+        assert len(found) == len(halves), (penalty, found)
+        removed = twin_scores[-1] >= config.copy_threshold
+        assert removed == (penalty == 0), (penalty, twin_scores[-3:])  # without the penalty some are removed
+
+
 def test_copies_under_stickers_are_shortlisted_with_their_original_first_more_often_than_by_similarity(tmp_path):
     """Stickers move a few of a copy's coarse cells far from its original's, so similarity alone can
     rank another of the demo's alike scenes first; the shortlist's order, which also scores the

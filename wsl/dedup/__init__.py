@@ -28,7 +28,9 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    block averages: texture, edges), which lines up the texture. Where the detail stays below
    the threshold of a candidate that lines up, it is also scored over the blocks whose mean
    colours agree, less `overlay_penalty` (stickers, text or a caption band change the colours
-   of the blocks they cover; a copy's other blocks keep the original's detail). A rotated
+   of the blocks they cover; a copy's other blocks keep the original's detail). A window may
+   shrink to half of each side, but one under 90% of `min_area` pays `small_window_penalty`:
+   a crop of another photo of the same scene (a stereo twin) lines up there. A rotated
    window is lined up on the evaluation image rotated alike, in the copy's aspect, and where
    that fails, upright from the same window (a vignette can favour a rotated window). The
    score is the correlation of the details (of the luminance when the pretraining image is

@@ -34,6 +34,7 @@ INNER_TRIM = 0.03  # a box found inside another's is a view where it trims this 
 THIN_BARS = 0.98  # a box over this share of the area is kept only inside black or white bars (letterboxing)
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 ROTATED_SIDES = (0.8, 0.85, 0.9, 0.95)  # centred windows of a rotated evaluation image (below)
+SMALL_WINDOW = 0.9  # share of `min_area` under which a verified window pays `small_window_penalty`
 FORMAT = "wsl-dedup-3"
 # Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
 # IVF index) deadlocks the child's first OpenMP call.
@@ -84,6 +85,13 @@ class DedupConfig:
         "subtracted from the detail correlation over the blocks whose colours agree, which scores a copy "
         "under stickers, text or a band (`_uncovered_correlation`): on `make bench-dedup` it reached 0.89 "
         "for verified non-copies (0.73 after the penalty), 0.82-1.0 for copies under stickers",
+        minimum=0,
+    )
+    small_window_penalty: float = option(
+        0.08,
+        f"subtracted from the score of a candidate lined up on a window under {SMALL_WINDOW:.0%} of `min_area` "
+        "(verification may shrink a window to half of each side): on `make bench-dedup`, crops of a stereo "
+        "twin of an evaluation photo lined up on 42-60% of it and scored up to 0.81; every copy found on 64% or more",
         minimum=0,
     )
     min_area: float = option(0.68, "smallest crop (fraction of the area) the windows cover", above=0)
@@ -611,7 +619,8 @@ class EvalIndex:
         after the coarse steps, or below `align_min` after the fine ones, is scored there), then
         on its detail (lines up the texture); where that stays below the threshold, the detail
         over the blocks whose colours agree (an overlay's blocks left out), less
-        `overlay_penalty`. A rotated window is lined up on the evaluation image rotated alike
+        `overlay_penalty`. A window lined up under SMALL_WINDOW of `min_area` scores
+        `small_window_penalty` less. A rotated window is lined up on the evaluation image rotated alike
         (in the copy's aspect), then, where that fails, upright. A grayscale query is compared
         on luminance, a colour one in RGB."""
         grayscale = is_grayscale(query)
@@ -648,15 +657,21 @@ class EvalIndex:
         aspect = query.width / query.height
 
         give_up = self.config.give_up
+        smallest = SMALL_WINDOW * self.config.min_area
+
+        def small_penalty(w: tuple[float, ...]) -> float:
+            return self.config.small_window_penalty if (w[2] - w[0]) * (w[3] - w[1]) < smallest else 0.0
 
         def lined_up(image: Image.Image, window: np.ndarray) -> float:
             window, aligned = _ascend(functools.partial(whole_correlation, image), window, (0.02, 0.01), give_up)
-            if aligned < max(give_up, self.config.align_min):  # not a copy: most non-copies
+            if aligned < max(give_up, self.config.align_min):  # not a copy: most non-copies, scored as they stand
                 return detail_correlation(image, window)
             refined, best = _ascend(functools.partial(detail_correlation, image), window, (0.005, 0.0025))
+            best -= small_penalty(refined)
             if best < self.config.copy_threshold:  # stickers, text or a band over the copy?
                 covered = window_pixels(image, refined).reshape(query_pixels.shape)
-                best = max(best, _uncovered_correlation(query_pixels, covered) - self.config.overlay_penalty)
+                uncovered = _uncovered_correlation(query_pixels, covered) - self.config.overlay_penalty
+                best = max(best, uncovered - small_penalty(refined))
             return best
 
         pixels, window, degrees = self._window(row)
@@ -847,7 +862,8 @@ def _ascend(
     objective, window: np.ndarray, steps: tuple[float, ...], give_up: float = -math.inf
 ) -> tuple[np.ndarray, float]:
     """Coordinate ascent of objective(window) over single edges, shifts and scalings, one step
-    size after another; it stops early where, after a step size, the best is below `give_up`.
+    size after another, among windows with sides of at least half the image's; it stops early
+    where, after a step size, the best is below `give_up`.
     A window met again (the one just left is the next one's neighbour) is not scored twice.
     (Windows are tuples of floats here: numpy's per-call overhead on 4 numbers was a tenth of
     the verification's time.)"""
