@@ -372,6 +372,32 @@ def test_the_ivf_hits_are_re_ranked_on_the_descriptors_the_windows_have_alone(tm
     assert len({index._window(int(row))[2] for row in rows}) > 1  # rotated windows among them
 
 
+def test_the_ivf_bound_is_over_every_hits_exact_similarity_and_clears_views_of_other_images(tmp_path):
+    """`IvfBound` bounds each hit's exact similarity from the index's score, so a view whose
+    hits are all bound below the prefilter skips the exact re-ranking that would drop it: it
+    must never be under a hit's exact similarity, and it must clear the views of images that
+    copy no evaluation image, while a copy's view is not cleared."""
+    shards, against = _small_set(tmp_path)
+    config = DedupConfig(index="ivf", nlist=4, nprobe=2)
+    index = build_index([str(against)], config, tmp_path / "work")
+    samples = [s for s in read_shard_samples(expand_shard_spec(shards)) if s["__key__"] not in ("dup", "broken")]
+    photos = [index.decode(_png(photo)) for photo in photographs()[1].values()]  # like no demo scene
+    queries = np.stack(
+        [retrieval_descriptor(image) for image in [index.decode(sample_image_bytes(s)) for s in samples] + photos]
+    )
+    similarity, rows = index.coarse_search(queries, 10)
+    terms = index.bound.query_terms(queries)
+    cleared = []
+    for query, sims, hits, query_terms in zip(queries, similarity, rows, terms):
+        exact = index._row_descriptors(hits) @ query
+        bounds = index.bound.upper(query_terms, sims, hits)
+        assert (exact <= bounds).all(), (exact - bounds).max()
+        cleared.append(bounds.max() < config.prefilter)
+    copies = [s["__key__"].startswith("copy") for s in samples]
+    assert not any(c for c, copy in zip(cleared, copies) if copy)  # every copy's view is re-ranked
+    assert sum(cleared[len(samples) :]) >= len(photos) // 3, cleared[len(samples) :]  # 7 of 13 when written
+
+
 def test_the_ivf_hits_re_ranked_reach_past_the_windows_of_the_few_nearest_images(tmp_path):
     """An image's windows lie near one another, so the IVF index's nearest 64 can all be one
     image's: `_spread` adds the nearest 4 windows of each next image until 10 images are held."""

@@ -10,7 +10,8 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    16 x 16), and their mirror images, each a COARSE x COARSE luminance thumbnail with its mean
    and contrast normalised away (so brightness, contrast, colour filters and grayscale barely
    move it), L2-normalised,
-   searched exactly (or, for large sets, through a FAISS IVF index). A pretraining image is
+   searched exactly (or, for large sets, through a FAISS IVF index, whose hits are re-ranked by
+   their exact similarity unless a bound puts them all below the prefilter). A pretraining image is
    one thumbnail of its whole frame, decoded in JPEG draft mode (the decoder scales by
    1/2..1/8 for free). One of the windows is within half a grid step of any crop, so the right
    evaluation image is among the nearest. The 10 nearest images are ordered by the mean of

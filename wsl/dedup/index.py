@@ -35,12 +35,13 @@ THIN_BARS = 0.98  # a box over this share of the area is kept only inside black 
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 ROTATED_SIDES = (0.8, 0.85, 0.9, 0.95)  # centred windows of a rotated evaluation image (below)
 SMALL_WINDOW = 0.9  # share of `min_area` under which a verified window pays `small_window_penalty`
-FORMAT = "wsl-dedup-3"
+FORMAT = "wsl-dedup-4"
 # Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
 # IVF index) deadlocks the child's first OpenMP call.
 RERANK = 64  # the IVF index's nearest hits, re-ranked by exact similarity with those `_spread` adds
 RERANK_PER_IMAGE = 4  # windows `_spread` adds of each further evaluation image
 IVF_HITS = 256  # windows the IVF index returns per query (`_spread` reads past the RERANK nearest)
+ROUNDING = 1e-3  # added to `IvfBound`'s bound: float32 rounding of the terms it adds up
 SHORTLIST = 10  # nearest evaluation images re-ordered with an overlay's cells discounted (`_shortlist`)
 OVERLAY_CELLS = 0.1  # share of the coarse cells `_trimmed_similarity` leaves out
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError)
@@ -103,7 +104,7 @@ class DedupConfig:
     index: str = option(
         "auto",
         "window index: flat (exact, 1 KB a window), ivf (PCA + IVF + 8-bit codes, ~136 B "
-        "a window), auto: ivf above ivf_above windows (~4,000 images)",
+        "a window, and 12 B of `IvfBound` terms), auto: ivf above ivf_above windows (~4,000 images)",
         choices=("auto", "flat", "ivf"),
     )
     ivf_above: int = option(2_000_000, "windows above which `auto` compresses", minimum=1)
@@ -510,14 +511,87 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, group: int =
     return similarity, rows
 
 
+IVF_FILE = "eval-windows.faiss"
+BOUND_FILE = "eval-windows-bound.npy"  # per window: the terms of `IvfBound` (float32 [windows, 3])
+
+
+class IvfBound:
+    """An upper bound on a hit's exact similarity from the IVF index's score, so that a view
+    none of whose hits can reach the prefilter skips the exact re-ranking (~2.5 ms a view: the
+    stored images' luminance, rotated where the window is, for ~12 (image, mirror, rotation)
+    keys) as it would be dropped after it: most of a real crawl should be such views.
+
+    The PCA centres on its mean m and projects on orthonormal rows A: z(x) = A (x - m), and
+    leaves out R(x), the part of x - m outside A's span. For a query q and a window d,
+    q . d = z(q) . z(d) + R(q) . R(d) + m . q + m . d - m . m exactly. The index scores
+    z(q) . z'(d), where z'(d) is z(d) as its 8-bit codes decode; so, by Cauchy-Schwarz,
+    q . d <= score + |z(q)| |z'(d) - z(d)| + |R(q)| |R(d)| + m . q + m . d - m . m.
+    The build stores each window's |z'(d) - z(d)|, |R(d)| and m . d (12 bytes, ~9% of the
+    index's 136)."""
+
+    def __init__(self, index, window_terms: np.ndarray):
+        import faiss
+
+        self.pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        self.mean = faiss.vector_to_array(self.pca.mean).astype(np.float64)
+        self.window_terms = window_terms
+
+    @staticmethod
+    def add_windows(index, descriptors: np.ndarray) -> np.ndarray:
+        """Adds windows to the IVF index as `index.add` does (projected, assigned a list, the rest
+        encoded in 8 bits), assigning each once for both, and returns their terms [N, 3]:
+        |z'(d) - z(d)|, |R(d)| and m . d."""
+        import faiss
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        projected = pca.apply(descriptors)
+        lists = ivf.quantizer.assign(projected, 1)[:, 0]
+        add_preassigned(ivf, projected, lists)
+        index.ntotal = ivf.ntotal  # as `IndexPreTransform.add` keeps it
+        residual = projected - ivf.quantizer.reconstruct_batch(lists)
+        error = np.linalg.norm(ivf.sq.decode(ivf.sq.compute_codes(residual)) - residual, axis=1)
+        mean = faiss.vector_to_array(pca.mean).astype(np.float64)
+        return np.stack([error, _left_out(descriptors, projected, mean), descriptors @ mean], axis=1).astype(np.float32)
+
+    def query_terms(self, queries: np.ndarray) -> np.ndarray:
+        """[N, 3]: each query's |z(q)|, |R(q)| and m . q - m . m."""
+        projected = self.pca.apply(queries)
+        return np.stack(
+            [
+                np.linalg.norm(projected.astype(np.float64), axis=1),
+                _left_out(queries, projected, self.mean),
+                queries @ self.mean - self.mean @ self.mean,
+            ],
+            axis=1,
+        )
+
+    def upper(self, query_terms: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The bound on the exact similarity of each hit (index row) with the query."""
+        error, left_out, centre = np.asarray(self.window_terms[rows], np.float64).T
+        return scores + query_terms[0] * error + query_terms[1] * left_out + query_terms[2] + centre + ROUNDING
+
+
+def _left_out(x: np.ndarray, projected: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """|R(x)|: the length of x - mean outside the PCA's span (in float64: the difference of two
+    near sums of squares)."""
+    centred = x.astype(np.float64) - mean
+    inside = (projected.astype(np.float64) ** 2).sum(axis=1)
+    return np.sqrt(np.maximum((centred**2).sum(axis=1) - inside, 0.0))
+
+
 class EvalIndex:
     """The evaluation images: every window's coarse descriptor, searched with FAISS, and the
     images at STORE x STORE for verification. Both live in .npy files that worker processes
     map into memory, so a machine holds them once. `match` scores pretraining images."""
 
-    def __init__(self, keys: list[str], store: np.ndarray, windows_index, config: DedupConfig):
+    def __init__(
+        self, keys: list[str], store: np.ndarray, windows_index, config: DedupConfig, bound: IvfBound | None = None
+    ):
         self.keys, self.store, self.config = keys, store, config
         self.windows_index = windows_index  # a memory-mapped [windows, D] array (exact search) or a FAISS IVF index
+        self.bound = bound  # the IVF index's bound on its hits' exact similarities
         self.windows = crop_windows(config)
         self.per_image = 2 * len(self.windows)
 
@@ -533,7 +607,7 @@ class EvalIndex:
         windows = crop_windows(config)
         total = len(keys) * 2 * len(windows)
         if config.index == "ivf" or (config.index == "auto" and total > config.ivf_above):
-            cls._build_ivf(store, windows, config, folder / "eval-windows.faiss")
+            cls._build_ivf(store, windows, config, folder)
         else:
 
             def write_windows(tmp: Path) -> None:
@@ -566,8 +640,9 @@ class EvalIndex:
         return np.concatenate(descriptors)
 
     @classmethod
-    def _build_ivf(cls, store: np.ndarray, windows: np.ndarray, config: DedupConfig, path: Path) -> None:
-        """A compressed window index (PCA, IVF, 8-bit codes), trained on evenly spaced images, written atomically."""
+    def _build_ivf(cls, store: np.ndarray, windows: np.ndarray, config: DedupConfig, folder: Path) -> None:
+        """A compressed window index (PCA, IVF, 8-bit codes), trained on evenly spaced images, and
+        each window's terms of `IvfBound`, written atomically."""
         import faiss
 
         per_image = 2 * len(windows)
@@ -577,25 +652,35 @@ class EvalIndex:
         sample = np.unique(np.linspace(0, len(store) - 1, train_images).astype(int))
         index = faiss.index_factory(COARSE * COARSE, f"PCA{config.pca_dim},IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
         index.train(np.concatenate([cls._window_descriptors(store[i], windows) for i in sample]))
-        for start in tqdm(
-            range(0, len(store), 256), desc="indexing evaluation windows (IVF)", unit=" x256 images", dynamic_ncols=True
-        ):
-            index.add(np.concatenate([cls._window_descriptors(p, windows) for p in store[start : start + 256]]))
-        write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
+
+        def add_windows(tmp: Path) -> None:
+            terms = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, 3))
+            for start in tqdm(
+                range(0, len(store), 256),
+                desc="indexing evaluation windows (IVF)",
+                unit=" x256 images",
+                dynamic_ncols=True,
+            ):
+                descriptors = np.concatenate([cls._window_descriptors(p, windows) for p in store[start : start + 256]])
+                first = start * per_image
+                terms[first : first + len(descriptors)] = IvfBound.add_windows(index, descriptors)
+            terms.flush()
+
+        write_atomic(folder / BOUND_FILE, add_windows)
+        write_atomic(folder / IVF_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
 
     @classmethod
     def open(cls, folder: Path, config: DedupConfig) -> EvalIndex:
         """The index of `folder`, memory-mapped: worker processes on a machine share one copy."""
         keys = json.loads((folder / "eval-keys.json").read_text())["keys"]
         store = np.load(folder / "eval-store.npy", mmap_mode="r")
-        if (folder / "eval-windows.faiss").is_file():
+        if (folder / IVF_FILE).is_file():
             import faiss
 
-            search_index = faiss.read_index(
-                str(folder / "eval-windows.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-            )
+            search_index = faiss.read_index(str(folder / IVF_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
             faiss.extract_index_ivf(search_index).nprobe = config.nprobe
-            return cls(keys, store, search_index, config)
+            bound = IvfBound(search_index, np.load(folder / BOUND_FILE, mmap_mode="r"))
+            return cls(keys, store, search_index, config, bound)
         return cls(keys, store, np.load(folder / "eval-windows.npy", mmap_mode="r"), config)
 
     @staticmethod
@@ -777,15 +862,23 @@ class EvalIndex:
         flat = [view for image_views in views for view in image_views]
         coarse = np.stack([retrieval_descriptor(view) for view in flat])
         similarity, rows = self.coarse_search(coarse, max(self.config.candidates, SHORTLIST))
+        query_terms = self.bound.query_terms(coarse) if self.bound is not None else None
         results, view_id = [], 0
         for image_views in views:
             best = (0.0, -1)
             for view in image_views:
                 query, sims, found, descriptors = coarse[view_id], similarity[view_id], rows[view_id], None
                 view_id += 1
-                if not isinstance(self.windows_index, np.ndarray):
-                    sims, found, descriptors = self._exact_order(query, self._spread(found[found >= 0]))
-                if not len(found) or sims[0] < self.config.prefilter or best[0] >= self.config.copy_threshold:
+                if best[0] >= self.config.copy_threshold:
+                    continue  # an earlier view of the image is a copy
+                if self.bound is not None:
+                    hits = found >= 0
+                    spread = self._spread(found[hits])
+                    bounds = self.bound.upper(query_terms[view_id - 1], sims[hits], found[hits])
+                    if bounds[np.isin(found[hits], spread)].max(initial=-1.0) < self.config.prefilter:
+                        continue  # no hit can reach the prefilter: the exact re-ranking would drop the view
+                    sims, found, descriptors = self._exact_order(query, spread)
+                if not len(found) or sims[0] < self.config.prefilter:
                     continue
                 for row in self._shortlist(query, sims, found, descriptors)[: self.config.candidates]:
                     score = self._verify(view, int(row))
