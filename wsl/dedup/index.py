@@ -533,6 +533,9 @@ class IvfBound:
         import faiss
 
         self.pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        rows = faiss.vector_to_array(self.pca.A).reshape(self.pca.d_out, self.pca.d_in).astype(np.float64)
+        if not np.allclose(rows @ rows.T, np.eye(self.pca.d_out), atol=1e-4):  # the bound rests on it
+            raise WslError("the IVF index's PCA rows are not orthonormal (whitened?): rebuild it with this version")
         self.mean = faiss.vector_to_array(self.pca.mean).astype(np.float64)
         self.window_terms = window_terms
 
