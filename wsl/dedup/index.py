@@ -532,11 +532,10 @@ class IvfBound:
     def __init__(self, index, window_terms: np.ndarray):
         import faiss
 
-        self.pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        self.pca, self.mean = _pca_of(index)
         rows = faiss.vector_to_array(self.pca.A).reshape(self.pca.d_out, self.pca.d_in).astype(np.float64)
         if not np.allclose(rows @ rows.T, np.eye(self.pca.d_out), atol=1e-4):  # the bound rests on it
             raise WslError("the IVF index's PCA rows are not orthonormal (whitened?): rebuild it with this version")
-        self.mean = faiss.vector_to_array(self.pca.mean).astype(np.float64)
         self.window_terms = window_terms
 
     @staticmethod
@@ -547,7 +546,7 @@ class IvfBound:
         import faiss
         from faiss.contrib.ivf_tools import add_preassigned
 
-        pca = faiss.downcast_VectorTransform(index.chain.at(0))
+        pca, mean = _pca_of(index)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         projected = pca.apply(descriptors)
         lists = ivf.quantizer.assign(projected, 1)[:, 0]
@@ -555,7 +554,6 @@ class IvfBound:
         index.ntotal = ivf.ntotal  # as `IndexPreTransform.add` keeps it
         residual = projected - ivf.quantizer.reconstruct_batch(lists)
         error = np.linalg.norm(ivf.sq.decode(ivf.sq.compute_codes(residual)) - residual, axis=1)
-        mean = faiss.vector_to_array(pca.mean).astype(np.float64)
         return np.stack([error, _left_out(descriptors, projected, mean), descriptors @ mean], axis=1).astype(np.float32)
 
     def query_terms(self, queries: np.ndarray) -> np.ndarray:
@@ -574,6 +572,14 @@ class IvfBound:
         """The bound on the exact similarity of each hit (index row) with the query."""
         error, left_out, centre = np.asarray(self.window_terms[rows], np.float64).T
         return scores + query_terms[0] * error + query_terms[1] * left_out + query_terms[2] + centre + ROUNDING
+
+
+def _pca_of(index) -> tuple:
+    """(the PCA transform, its mean as float64) of a `PCA...,IVF...,SQ8` index."""
+    import faiss
+
+    pca = faiss.downcast_VectorTransform(index.chain.at(0))
+    return pca, faiss.vector_to_array(pca.mean).astype(np.float64)
 
 
 def _left_out(x: np.ndarray, projected: np.ndarray, mean: np.ndarray) -> np.ndarray:
