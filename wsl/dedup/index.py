@@ -662,7 +662,7 @@ class EvalIndex:
         index = faiss.index_factory(COARSE * COARSE, f"PCA{config.pca_dim},IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
         index.train(np.concatenate([cls._window_descriptors(store[i], windows) for i in sample]))
 
-        def add_windows(tmp: Path) -> None:
+        def add_and_write_terms(tmp: Path) -> None:
             terms = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, 3))
             for start in tqdm(
                 range(0, len(store), 256),
@@ -675,7 +675,7 @@ class EvalIndex:
                 terms[first : first + len(descriptors)] = IvfBound.add_windows(index, descriptors)
             terms.flush()
 
-        write_atomic(folder / BOUND_FILE, add_windows)
+        write_atomic(folder / BOUND_FILE, add_and_write_terms)
         write_atomic(folder / IVF_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
 
     @classmethod
@@ -761,11 +761,11 @@ class EvalIndex:
             if aligned < max(give_up, self.config.align_min):  # not a copy: most non-copies, scored as they stand
                 return detail_correlation(image, window)
             refined, best = _ascend(functools.partial(detail_correlation, image), window, (0.005, 0.0025))
-            best -= small_penalty(refined)
+            penalty = small_penalty(refined)
+            best -= penalty
             if best < self.config.copy_threshold:  # stickers, text or a band over the copy?
                 covered = window_pixels(image, refined).reshape(query_pixels.shape)
-                uncovered = _uncovered_correlation(query_pixels, covered) - self.config.overlay_penalty
-                best = max(best, uncovered - small_penalty(refined))
+                best = max(best, _uncovered_correlation(query_pixels, covered) - self.config.overlay_penalty - penalty)
             return best
 
         pixels, window, degrees = self._window(row)
@@ -788,9 +788,9 @@ class EvalIndex:
         return exact[order], rows[order], descriptors[order]
 
     def _spread(self, rows: np.ndarray) -> np.ndarray:
-        """The IVF index's nearest RERANK hits (best first), then, where they hold fewer than
-        SHORTLIST evaluation images, the nearest RERANK_PER_IMAGE windows of each next image among
-        the hits until SHORTLIST (or `candidates`) are held. An image's ~1,000 windows lie near
+        """Positions in `rows` of the IVF index's nearest RERANK hits (best first), then, where
+        they hold fewer than SHORTLIST evaluation images, of the nearest RERANK_PER_IMAGE windows
+        of each next image among the hits until SHORTLIST (or `candidates`) are held. An image's ~1,000 windows lie near
         one another: on `make bench-dedup` the nearest 64 held 5-8 images, and colour-filtered
         copies' originals came 133rd-260th (the exact search takes each image's best window alone)."""
         images = max(SHORTLIST, self.config.candidates)  # as many as `_shortlist` reads
@@ -798,14 +798,14 @@ class EvalIndex:
         held = set(owners[:RERANK])
         taken: dict[int, int] = {}  # windows taken of each further image
         further = []  # (a Python loop: a few hundred hits, where numpy's set operations took 5% of a view)
-        for row, owner in zip(rows[RERANK:].tolist(), owners[RERANK:]):
+        for position, owner in enumerate(owners[RERANK:], RERANK):
             if owner in held or taken.get(owner, 0) >= RERANK_PER_IMAGE:
                 continue
             if owner not in taken and len(held) + len(taken) >= images:
                 continue
             taken[owner] = taken.get(owner, 0) + 1
-            further.append(row)
-        return np.concatenate([rows[:RERANK], np.array(further, rows.dtype)])
+            further.append(position)
+        return np.concatenate([np.arange(min(RERANK, len(rows))), np.array(further, np.int64)])
 
     def _shortlist(
         self, query: np.ndarray, sims: np.ndarray, rows: np.ndarray, descriptors: np.ndarray | None = None
@@ -881,12 +881,13 @@ class EvalIndex:
                 if best[0] >= self.config.copy_threshold:
                     continue  # an earlier view of the image is a copy
                 if self.bound is not None:
-                    hits = found >= 0
-                    spread = self._spread(found[hits])
-                    bounds = self.bound.upper(query_terms[view_id - 1], sims[hits], found[hits])
-                    if bounds[np.isin(found[hits], spread)].max(initial=-1.0) < self.config.prefilter:
+                    valid = found >= 0
+                    kept = self._spread(found[valid])
+                    found, scores = found[valid][kept], sims[valid][kept]  # the hits re-ranked, the index's scores
+                    reachable = self.bound.upper(query_terms[view_id - 1], scores, found).max(initial=-1.0)
+                    if reachable < self.config.prefilter:
                         continue  # no hit can reach the prefilter: the exact re-ranking would drop the view
-                    sims, found, descriptors = self._exact_order(query, spread)
+                    sims, found, descriptors = self._exact_order(query, found)
                 if not len(found) or sims[0] < self.config.prefilter:
                     continue
                 for row in self._shortlist(query, sims, found, descriptors)[: self.config.candidates]:
