@@ -483,17 +483,31 @@ def open_index(folder: Path, config: DedupConfig, threads: int | None = None) ->
     return SscdIndex.open(folder, config.descriptor, threads)
 
 
-def exact_search(queries: np.ndarray, database: np.ndarray, k: int, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
+SIMILARITIES_HELD = 32_000_000  # `exact_search` scores this many similarities at a time (128 MB)
+
+
+def search_scratch(database: np.ndarray) -> np.ndarray:
+    """The buffer `exact_search` writes a chunk of similarities into, held across its calls."""
+    return np.empty(max(1, SIMILARITIES_HELD // len(database)) * len(database), np.float32)
+
+
+def exact_search(
+    queries: np.ndarray, database: np.ndarray, k: int, group: int = 1, scratch: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) of the `k` rows of `database` with the largest inner product with each
-    query, best first: a matrix product and a partial sort, a few queries at a time (at most ~32M
-    similarities held). With `group` > 1, consecutive rows form groups (an image's windows) and
-    only each group's best row competes: the `k` best groups. On this project's CPUs it ran 17x
-    faster than `faiss.knn` (BENCHMARKS.md)."""
+    query, best first: a matrix product and a partial sort, a few queries at a time (at most
+    SIMILARITIES_HELD similarities held). With `group` > 1, consecutive rows form groups (an
+    image's windows) and only each group's best row competes: the `k` best groups. On this
+    project's CPUs it ran 17x faster than `faiss.knn` (BENCHMARKS.md). A caller that searches
+    again and again passes `scratch` (`search_scratch`): a fresh 128 MB array for each chunk
+    cost its page faults, more than half of the search's time inside `match` (BENCHMARKS.md)."""
     similarity = np.zeros((len(queries), k), np.float32)
     rows = np.zeros((len(queries), k), np.int64)
-    chunk = max(1, 32_000_000 // len(database))
+    chunk = max(1, SIMILARITIES_HELD // len(database))
     for start in range(0, len(queries), chunk):
-        scores = queries[start : start + chunk] @ database.T
+        part = queries[start : start + chunk]
+        held = None if scratch is None else scratch[: len(part) * len(database)].reshape(len(part), len(database))
+        scores = np.matmul(part, database.T, out=held)
         if group > 1:
             grouped = scores.reshape(len(scores), -1, group)
             within = grouped.argmax(axis=2)
@@ -603,6 +617,7 @@ class EvalIndex:
         self.bound = bound  # the IVF index's bound on its hits' exact similarities
         self.windows = crop_windows(config)
         self.per_image = 2 * len(self.windows)
+        self.scratch: np.ndarray | None = None  # `exact_search`'s, held across batches
 
     @staticmethod
     def _views(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -703,7 +718,11 @@ class EvalIndex:
         (the IVF_HITS nearest windows, of which `_spread` keeps RERANK for `_exact_order`)."""
         if not isinstance(self.windows_index, np.ndarray):
             return self.windows_index.search(queries, min(len(self.keys) * self.per_image, IVF_HITS))
-        return exact_search(queries, self.windows_index, min(len(self.keys), images), group=self.per_image)
+        if self.scratch is None:
+            self.scratch = search_scratch(self.windows_index)
+        return exact_search(
+            queries, self.windows_index, min(len(self.keys), images), group=self.per_image, scratch=self.scratch
+        )
 
     def _verify(self, query: Image.Image, row: int) -> float:
         """Detail correlation of `query` with the window near index row `row` that fits it best.
