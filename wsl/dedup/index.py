@@ -997,15 +997,18 @@ def _ascend(
         improved = True
         while improved:
             improved = False
-            for delta in deltas:
-                trial = tuple(min(1.0, max(0.0, v + d)) for v, d in zip(current, delta))
-                if trial[2] - trial[0] < 0.5 or trial[3] - trial[1] < 0.5:
+            for d0, d1, d2, d3 in deltas:  # written out: generator expressions took a tenth of the time
+                x0, y0, x1, y1 = current
+                x0, y0 = min(1.0, max(0.0, x0 + d0)), min(1.0, max(0.0, y0 + d1))
+                x1, y1 = min(1.0, max(0.0, x1 + d2)), min(1.0, max(0.0, y1 + d3))
+                if x1 - x0 < 0.5 or y1 - y0 < 0.5:
                     continue
-                key = tuple(round(v, 9) for v in trial)
-                if key not in seen:
-                    seen[key] = objective(trial)
-                if seen[key] > best:
-                    best, current, improved = seen[key], trial, True
+                key = (round(x0, 9), round(y0, 9), round(x1, 9), round(y1, 9))
+                score = seen.get(key)
+                if score is None:
+                    score = seen[key] = objective((x0, y0, x1, y1))
+                if score > best:
+                    best, current, improved = score, (x0, y0, x1, y1), True
         if best < give_up:
             break
     return np.array(current), best
