@@ -31,8 +31,10 @@ from wsl.dedup.index import (
     build_index,
     content_boxes,
     detail,
+    exact_search,
     pixels_of,
     retrieval_descriptor,
+    search_scratch,
     window_thumbnails,
 )
 from wsl.dedup.run import REPORT_FILE, DedupConfig, run_dedup
@@ -353,6 +355,22 @@ def test_the_compressed_ivf_window_index_removes_the_same_samples_as_the_exact_o
     assert not (tmp_path / "ivf" / "_dedup" / "eval-windows.npy").exists()
     assert len(removed["flat"]) >= 17  # of the 20 planted copies (the recall bar is tested on 200 above)
     assert removed["ivf"] == removed["flat"]
+
+
+def test_the_exact_search_gives_the_same_floats_and_groups_with_the_buffer_it_keeps_across_calls():
+    """The held buffer (`search_scratch`) changes where the similarities are written, not what
+    they are: the same floats and rows over several chunks, and again for a smaller batch after a
+    larger one (nothing left over from the call before), as the best window of each image."""
+    rng = np.random.default_rng(0)
+    database = rng.standard_normal((100_000, 64)).astype(np.float32)  # 2,000 images of 50 windows
+    queries = rng.standard_normal((700, 64)).astype(np.float32)  # 3 chunks of 320
+    scratch = search_scratch(database)
+    for batch in (queries, queries[:30]):
+        held = exact_search(batch, database, 5, group=50, scratch=scratch)
+        fresh = exact_search(batch, database, 5, group=50)
+        assert np.array_equal(held[0], fresh[0]) and np.array_equal(held[1], fresh[1])
+        best = (batch @ database.T).reshape(len(batch), 2000, 50).max(axis=2)
+        assert np.array_equal(held[1] // 50, np.argsort(-best, axis=1, kind="stable")[:, :5])
 
 
 def test_the_ivf_hits_are_re_ranked_on_the_descriptors_the_windows_have_alone(tmp_path):

@@ -617,7 +617,8 @@ class EvalIndex:
         self.bound = bound  # the IVF index's bound on its hits' exact similarities
         self.windows = crop_windows(config)
         self.per_image = 2 * len(self.windows)
-        self.scratch: np.ndarray | None = None  # `exact_search`'s, held across batches
+        exact = isinstance(windows_index, np.ndarray)  # `exact_search`'s buffer (pages touched only when used)
+        self.scratch = search_scratch(windows_index) if exact else None
 
     @staticmethod
     def _views(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -718,8 +719,6 @@ class EvalIndex:
         (the IVF_HITS nearest windows, of which `_spread` keeps RERANK for `_exact_order`)."""
         if not isinstance(self.windows_index, np.ndarray):
             return self.windows_index.search(queries, min(len(self.keys) * self.per_image, IVF_HITS))
-        if self.scratch is None:
-            self.scratch = search_scratch(self.windows_index)
         return exact_search(
             queries, self.windows_index, min(len(self.keys), images), group=self.per_image, scratch=self.scratch
         )

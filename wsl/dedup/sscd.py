@@ -106,8 +106,10 @@ class SscdIndex:
     the same interface as `EvalIndex` (`keys`, `store`, `match`)."""
 
     def __init__(self, keys: list[str], store: np.ndarray, descriptors: np.ndarray, model: nn.Module):
+        from wsl.dedup.index import search_scratch
+
         self.keys, self.store, self.descriptors, self.model = keys, store, descriptors, model
-        self.scratch: np.ndarray | None = None  # `exact_search`'s, held across batches
+        self.scratch = search_scratch(descriptors)  # `exact_search`'s buffer (pages touched only when used)
 
     @classmethod
     def build(cls, sources: list[str], descriptor: str, folder: Path) -> SscdIndex:
@@ -154,12 +156,10 @@ class SscdIndex:
 
     def match(self, images: list[Image.Image]) -> list[tuple[float, int]]:
         """(cosine similarity, evaluation image) of each image's nearest evaluation image."""
-        from wsl.dedup.index import exact_search, search_scratch
+        from wsl.dedup.index import exact_search
 
         if not images:
             return []
-        if self.scratch is None:
-            self.scratch = search_scratch(self.descriptors)
         similarity, rows = exact_search(embed(self.model, images), self.descriptors, 1, scratch=self.scratch)
         return [(float(s[0]), int(r[0])) for s, r in zip(similarity, rows)]
 
