@@ -617,8 +617,8 @@ class EvalIndex:
         self.bound = bound  # the IVF index's bound on its hits' exact similarities
         self.windows = crop_windows(config)
         self.per_image = 2 * len(self.windows)
-        exact = isinstance(windows_index, np.ndarray)  # `exact_search`'s buffer (pages touched only when used)
-        self.scratch = search_scratch(windows_index) if exact else None
+        self.exact = isinstance(windows_index, np.ndarray)  # searched by `exact_search`, else by FAISS
+        self.scratch = search_scratch(windows_index) if self.exact else None  # (pages touched only when used)
 
     @staticmethod
     def _views(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -717,7 +717,7 @@ class EvalIndex:
         """Nearest windows by inner product, best first: exactly over the memory-mapped descriptors
         (each of the `images` nearest evaluation images' best window), or through the IVF index
         (the IVF_HITS nearest windows, of which `_spread` keeps RERANK for `_exact_order`)."""
-        if not isinstance(self.windows_index, np.ndarray):
+        if not self.exact:
             return self.windows_index.search(queries, min(len(self.keys) * self.per_image, IVF_HITS))
         return exact_search(
             queries, self.windows_index, min(len(self.keys), images), group=self.per_image, scratch=self.scratch
@@ -893,7 +893,7 @@ class EvalIndex:
         flat = [view for image_views in views for view in image_views]
         coarse = np.stack([retrieval_descriptor(view) for view in flat])
         similarity, rows = self.coarse_search(coarse, max(self.config.candidates, SHORTLIST))
-        query_terms = self.bound.query_terms(coarse) if self.bound is not None else None
+        query_terms = None if self.exact else self.bound.query_terms(coarse)
         results, view_id = [], 0
         for image_views in views:
             best = (0.0, -1)
@@ -902,10 +902,11 @@ class EvalIndex:
                 view_id += 1
                 if best[0] >= self.config.copy_threshold:
                     continue  # an earlier view of the image is a copy
-                if self.bound is not None:
+                if not self.exact:
                     valid = found >= 0
-                    kept = self._spread(found[valid])
-                    found, scores = found[valid][kept], sims[valid][kept]  # the hits re-ranked, the index's scores
+                    found, scores = found[valid], sims[valid]
+                    kept = self._spread(found)
+                    found, scores = found[kept], scores[kept]  # the hits re-ranked, with the index's scores
                     reachable = self.bound.upper(query_terms[view_id - 1], scores, found).max(initial=-1.0)
                     if reachable < self.config.prefilter:
                         continue  # no hit can reach the prefilter: the exact re-ranking would drop the view
