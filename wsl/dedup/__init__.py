@@ -29,7 +29,11 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    block averages: texture, edges), which lines up the texture. Where the detail stays below
    the threshold of a candidate that lines up, it is also scored over the blocks whose mean
    colours agree, less `overlay_penalty` (stickers, text or a caption band change the colours
-   of the blocks they cover; a copy's other blocks keep the original's detail). A window may
+   of the blocks they cover; a copy's other blocks keep the original's detail). Where the
+   overlay pulled the whole alignment off (bright stickers on a dark scene), the blocks under the
+   coarse cells farthest from the candidate's are left out, and both ascents run again over the
+   rest, less `realigned_penalty`: the overlay is in the copy's frame, so those blocks stay put
+   as the window moves. A window may
    shrink to half of each side, but one under 90% of `min_area` pays `small_window_penalty`:
    a crop of another photo of the same scene (a stereo twin) lines up there. A rotated
    window is lined up on the evaluation image rotated alike, in the copy's aspect, and where

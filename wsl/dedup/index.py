@@ -44,6 +44,8 @@ IVF_HITS = 256  # windows the IVF index returns per query (`_spread` reads past 
 ROUNDING = 1e-3  # added to `IvfBound`'s bound: float32 rounding of the terms it adds up
 SHORTLIST = 10  # nearest evaluation images re-ordered with an overlay's cells discounted (`_shortlist`)
 OVERLAY_CELLS = 0.1  # share of the coarse cells `_trimmed_similarity` leaves out
+OVERLAY_SHARE = 0.15  # share of the coarse cells verification leaves out where it lines up past an overlay
+OVERLAY_GATE = 0.9  # correlation outside those cells at verification's start above which it lines up there
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError)
 
 
@@ -86,6 +88,13 @@ class DedupConfig:
         "subtracted from the detail correlation over the blocks whose colours agree, which scores a copy "
         "under stickers, text or a band (`_uncovered_correlation`): on `make bench-dedup` it reached 0.89 "
         "for verified non-copies (0.73 after the penalty), 0.82-1.0 for copies under stickers",
+        minimum=0,
+    )
+    realigned_penalty: float = option(
+        0.1,
+        "subtracted from the detail correlation of a candidate lined up again without the coarse cells an "
+        "overlay covers (where the whole image did not reach the threshold): on `make bench-dedup` verified "
+        "non-copies reached up to 0.84 there, 44 of 49 copies under stickers 0.83-0.995",
         minimum=0,
     )
     small_window_penalty: float = option(
@@ -723,7 +732,7 @@ class EvalIndex:
             queries, self.windows_index, min(len(self.keys), images), group=self.per_image, scratch=self.scratch
         )
 
-    def _verify(self, query: Image.Image, row: int) -> float:
+    def _verify(self, query: Image.Image, row: int, coarse_query: np.ndarray, coarse_window: np.ndarray) -> float:
         """Detail correlation of `query` with the window near index row `row` that fits it best.
 
         Coordinate ascent over the window's edges, position and size: first on the whole
@@ -733,8 +742,12 @@ class EvalIndex:
         over the blocks whose colours agree (an overlay's blocks left out), less
         `overlay_penalty`. A window lined up under SMALL_WINDOW of `min_area` scores
         `small_window_penalty` less. A rotated window is lined up on the evaluation image rotated alike
-        (in the copy's aspect), then, where that fails, upright. A grayscale query is compared
-        on luminance, a colour one in RGB."""
+        (in the copy's aspect), then, where that fails, upright. Where all that stays below the
+        threshold and the whole thumbnails correlate at OVERLAY_GATE or more at the start without
+        the blocks under the OVERLAY_SHARE of `coarse_query`'s cells farthest from `coarse_window`
+        (the row's descriptor), both ascents run again without those blocks, less
+        `realigned_penalty`: stickers that pull the whole alignment off a copy. A grayscale query is
+        compared on luminance, a colour one in RGB."""
         grayscale = is_grayscale(query)
         if grayscale:
             query = query.convert("L")
@@ -789,12 +802,45 @@ class EvalIndex:
         pixels, window, degrees = self._window(row)
         image = Image.fromarray(np.ascontiguousarray(pixels))
         image = image.convert("L") if grayscale else image
-        if not degrees:
-            return lined_up(image, window)
-        # A rotated window: the copy is lined up on the evaluation image rotated alike; where that
-        # fails, upright from the same window (a vignette or a crop can favour a rotated window).
-        best = lined_up(_turned(image, degrees, aspect), window)
-        return best if best >= self.config.copy_threshold else max(best, lined_up(image, window))
+        turned = _turned(image, degrees, aspect) if degrees else image
+        best = lined_up(turned, window)
+        if degrees and best < self.config.copy_threshold:
+            # A rotated window: the copy is lined up on the evaluation image rotated alike; where that
+            # fails, upright from the same window (a vignette or a crop can favour a rotated window).
+            best = max(best, lined_up(image, window))
+        if best >= self.config.copy_threshold:
+            return best
+        # An overlay the alignment could not see past: line up again without the blocks under the
+        # coarse cells farthest from the window's (stickers or text are in the copy's frame, so
+        # the blocks left out stay put as the window moves).
+        uncovered = _uncovered_blocks(coarse_query, coarse_window)
+        uncovered_query = _kept_unit(query_pixels, uncovered, centre=True)
+        if uncovered_query is None:
+            return best
+        keep = uncovered[::4, ::4]  # the blocks
+        kept_pixels = uncovered.ravel().astype(np.float64)
+        kept, counts = kept_pixels.repeat(channels), kept_pixels.sum()
+
+        def uncovered_whole(image: Image.Image, w: np.ndarray) -> float:
+            b = window_pixels(image, w)
+            sums = kept_pixels @ b.reshape(-1, channels)
+            return _correlation(uncovered_query @ b, (kept * b) @ b - sums @ sums / counts)
+
+        def uncovered_detail(image: Image.Image, w: np.ndarray) -> float:
+            b = window_pixels(image, w)
+            lines = b.reshape(FINE // 4, 4, FINE * channels)
+            lines = (lines[:, 0] + lines[:, 1] + lines[:, 2] + lines[:, 3]).reshape(FINE // 4, FINE // 4, 4, channels)
+            sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
+            return _correlation(uncovered_query_detail @ b, (kept * b) @ b - (sums * sums)[keep].sum() / 16)
+
+        if uncovered_whole(turned, window) < OVERLAY_GATE:  # most non-copies stop here
+            return best
+        uncovered_query_detail = _kept_unit(query_detail.reshape(query_pixels.shape), uncovered, centre=False)
+        window, aligned = _ascend(functools.partial(uncovered_whole, turned), window, (0.02, 0.01), give_up)
+        if aligned < max(give_up, self.config.align_min):
+            return best
+        refined, realigned = _ascend(functools.partial(uncovered_detail, turned), window, (0.005, 0.0025))
+        return max(best, realigned - self.config.realigned_penalty - small_penalty(refined))
 
     def _exact_order(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The IVF index's hits re-ranked by their exact similarity, recomputed from the stored images
@@ -827,20 +873,21 @@ class EvalIndex:
 
     def _shortlist(
         self, query: np.ndarray, sims: np.ndarray, rows: np.ndarray, descriptors: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The nearest window of each of the SHORTLIST nearest evaluation images (verification's
-        starting points), ordered by the mean of their similarity and their `_trimmed_similarity`:
-        stickers or a caption band move a few cells of a copy's descriptor far from its original's,
-        which can rank another image first. On `make bench-dedup` this ordering brought the right
-        image first for 42 of 49 copies under stickers (37 by similarity alone), and for no fewer of
-        any other edit's copies. `descriptors`: the rows' own, where `_exact_order` computed them
-        (IVF); otherwise read from the exact index."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, their coarse descriptors): the nearest window of each of the SHORTLIST nearest
+        evaluation images (verification's starting points), ordered by the mean of their similarity
+        and their `_trimmed_similarity`: stickers or a caption band move a few cells of a copy's
+        descriptor far from its original's, which can rank another image first. On `make
+        bench-dedup` this ordering brought the right image first for 42 of 49 copies under
+        stickers (37 by similarity alone), and for no fewer of any other edit's copies.
+        `descriptors`: the rows' own, where `_exact_order` computed them (IVF); otherwise read
+        from the exact index."""
         owners = rows // self.per_image
         first = np.sort(np.unique(owners, return_index=True)[1])[: max(SHORTLIST, self.config.candidates)]
         rows = rows[first]
         descriptors = np.asarray(self.windows_index[rows]) if descriptors is None else descriptors[first]
         order = np.argsort(-(sims[first] + _trimmed_similarity(query, descriptors)), kind="stable")
-        return rows[order]
+        return rows[order], descriptors[order]
 
     def _locate(self, row: int) -> tuple[int, int, int]:
         """(evaluation image, 1 where mirrored, window) of index row `row`: each image's windows,
@@ -913,8 +960,9 @@ class EvalIndex:
                     sims, found, descriptors = self._exact_order(query, found)
                 if not len(found) or sims[0] < self.config.prefilter:
                     continue
-                for row in self._shortlist(query, sims, found, descriptors)[: self.config.candidates]:
-                    score = self._verify(view, int(row))
+                shortlist, coarse_windows = self._shortlist(query, sims, found, descriptors)
+                for row, coarse_window in zip(shortlist[: self.config.candidates], coarse_windows):
+                    score = self._verify(view, int(row), query, coarse_window)
                     if score > best[0]:
                         best = (score, int(row) // self.per_image)
             results.append(best)
@@ -964,6 +1012,31 @@ def _uncovered_correlation(query: np.ndarray, window: np.ndarray, block: int = 4
     product = (sums[2] - n * q_mean * w_mean)[keep].sum()
     spread = math.sqrt((sums[3] - n * q_mean**2)[keep].sum() * (sums[4] - n * w_mean**2)[keep].sum())
     return float(product) / spread if spread > 1.0 else 0.0
+
+
+def _uncovered_blocks(query: np.ndarray, window: np.ndarray, block: int = 4) -> np.ndarray:
+    """FINE x FINE booleans: the pixels of the block x block blocks of a FINE thumbnail clear of
+    the OVERLAY_SHARE of the coarse cells farthest from the fit `query ~ (query . window) window`
+    (an overlay's)."""
+    residual = (query - (query @ window) * window) ** 2
+    farthest = round(OVERLAY_SHARE * query.size)
+    covered = np.zeros(COARSE * COARSE, bool)
+    covered[np.argpartition(-residual, farthest)[:farthest]] = True
+    fine = np.repeat(np.repeat(covered.reshape(COARSE, COARSE), FINE // COARSE, 0), FINE // COARSE, 1)
+    side = FINE // block
+    keep = ~fine.reshape(side, block, side, block).any(axis=(1, 3))
+    return np.repeat(np.repeat(keep, block, axis=0), block, axis=1)
+
+
+def _kept_unit(values: np.ndarray, kept: np.ndarray, centre: bool) -> np.ndarray | None:
+    """A FINE x FINE x C thumbnail zeroed outside the `kept` pixels, centred over them (in each
+    channel) where `centre`, as a unit vector; None where nothing is left."""
+    values = values.astype(np.float64)
+    if centre:
+        values -= values[kept].mean(axis=0)
+    values *= kept[..., None]
+    norm = float(np.linalg.norm(values))
+    return values.ravel() / norm if norm > 1e-6 else None
 
 
 def _trimmed_similarity(query: np.ndarray, descriptors: np.ndarray) -> np.ndarray:
