@@ -7,9 +7,10 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    `min_area` of it (each side >= `min_side`, on a grid of `window_step`), centred windows
    (80-95% of each side) of it rotated by 5 and 10 degrees both ways (`max_rotation`: a copy
    rotated with its corners cropped away is such a window, which no upright crop resembles at
-   16 x 16), and their mirror images, each a COARSE x COARSE luminance thumbnail with its mean
-   and contrast normalised away (so brightness, contrast, colour filters and grayscale barely
-   move it), L2-normalised,
+   16 x 16), and their mirror images, each a COARSE x COARSE luminance thumbnail measured from
+   its median in units of its median absolute deviation (so brightness, contrast, colour
+   filters and grayscale barely move it), clipped at 2.5 of them (so a few cells far from the
+   rest, stickers or text on a dark scene, weigh no more than a strong edge), L2-normalised,
    searched exactly (or, for large sets, through a FAISS IVF index, whose hits are re-ranked by
    their exact similarity unless a bound puts them all below the prefilter). A pretraining image is
    one thumbnail of its whole frame, decoded in JPEG draft mode (the decoder scales by
@@ -17,7 +18,9 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    evaluation image is among the nearest. The 10 nearest images are ordered by the mean of
    that similarity and of the similarity over the 90% of cells that agree best (stickers or a
    band move a few cells far, which can rank another image first); verification takes the
-   first `candidates`. An image whose photo may sit
+   first `candidates`, each from the one of its 10 nearest windows nearest by the unclipped
+   cells (clipping flattens a bright object too, and the ascent can stop on a local best from a
+   window a grid step off). An image whose photo may sit
    inside a plain frame, letterbox or screenshot bars (rows and columns that are digitally
    flat, or carry a line of text on a flat colour), above a caption band, or on a story's
    blurred background (smooth rows, or a symmetric pair of straight edges with quieter rows
