@@ -795,11 +795,15 @@ class EvalIndex:
             sums = ones @ b.reshape(-1, channels)
             return _correlation(whole @ b, b @ b - sums @ sums / (FINE * FINE))
 
-        def detail_correlation(image: Image.Image, w: np.ndarray) -> float:
-            b = window_pixels(image, w)
+        def block_sums(b: np.ndarray) -> np.ndarray:
+            """The sums of a window's 4 x 4 blocks in each channel (FINE/4 x FINE/4 x C)."""
             lines = b.reshape(FINE // 4, 4, FINE * channels)
             lines = (lines[:, 0] + lines[:, 1] + lines[:, 2] + lines[:, 3]).reshape(FINE // 4, FINE // 4, 4, channels)
-            sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
+            return lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
+
+        def detail_correlation(image: Image.Image, w: np.ndarray) -> float:
+            b = window_pixels(image, w)
+            sums = block_sums(b)
             return _correlation(query_detail @ b, b @ b - (sums * sums).sum() / 16)
 
         # The stored image is square, so a rotation is taken in the copy's aspect (a crop of a
@@ -858,9 +862,7 @@ class EvalIndex:
 
         def uncovered_detail(image: Image.Image, w: np.ndarray) -> float:
             b = window_pixels(image, w)
-            lines = b.reshape(FINE // 4, 4, FINE * channels)
-            lines = (lines[:, 0] + lines[:, 1] + lines[:, 2] + lines[:, 3]).reshape(FINE // 4, FINE // 4, 4, channels)
-            sums = lines[:, :, 0] + lines[:, :, 1] + lines[:, :, 2] + lines[:, :, 3]
+            sums = block_sums(b)
             return _correlation(uncovered_query_detail @ b, (kept * b) @ b - (sums * sums)[keep].sum() / 16)
 
         if uncovered_whole(turned, window) < OVERLAY_GATE:  # most non-copies stop here
