@@ -192,10 +192,12 @@ def test_copies_under_stickers_are_shortlisted_with_their_original_first_more_of
         assert first_in_shortlist >= by_similarity + gain, (first_in_shortlist, by_similarity, len(copies))
 
 
-def test_copies_under_stickers_are_lined_up_again_without_the_overlay_and_other_scenes_are_not(tmp_path):
+def test_copies_under_stickers_are_lined_up_again_and_verified_below_the_prefilter_and_other_scenes_are_not(tmp_path):
     """Bright stickers on a dark scene pull the whole thumbnail's alignment off a copy; lined up
-    again without the coarse cells farthest from the candidate's, more copies reach the threshold,
-    and no other demo scene does (with `realigned_penalty` at 1 the second alignment cannot count)."""
+    again without the coarse cells farthest from the candidate's, more copies reach the threshold
+    (with `realigned_penalty` at 1 the second alignment cannot count). They can also pull a copy's
+    similarity below the prefilter: verified where the cells that agree are near
+    (`overlay_prefilter`), more copies are found. No other demo scene is removed either way."""
     planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=0, num_others=400)
     build_index([str(tmp_path / "data" / "eval")], DedupConfig(), tmp_path / "work")
     rng = np.random.default_rng(0)
@@ -205,14 +207,38 @@ def test_copies_under_stickers_are_lined_up_again_without_the_overlay_and_other_
     }
     others = [sample_image_bytes(s) for s in read_shard_samples(expand_shard_spec(tmp_path / "data" / "shards"))]
     found, removed = {}, {}
-    for penalty in (DedupConfig.realigned_penalty, 1.0):
-        config = DedupConfig(realigned_penalty=penalty)
+    for variant in ("default", "realigned_penalty", "overlay_prefilter"):
+        config = DedupConfig(**({} if variant == "default" else {variant: 1.01}))
         index = open_index(tmp_path / "work", config)
         scores = index.match([index.decode(data) for data in stickers.values()])
-        found[penalty] = sum(s >= config.copy_threshold and index.keys[o] == k for k, (s, o) in zip(stickers, scores))
-        removed[penalty] = sum(s >= config.copy_threshold for s, _ in index.match([index.decode(d) for d in others]))
-    assert found[DedupConfig.realigned_penalty] >= found[1.0] + 2, found  # 68 against 66 of 100 when written
-    assert removed == {DedupConfig.realigned_penalty: 0, 1.0: 0}, removed
+        found[variant] = sum(s >= config.copy_threshold and index.keys[o] == k for k, (s, o) in zip(stickers, scores))
+        removed[variant] = sum(s >= config.copy_threshold for s, _ in index.match([index.decode(d) for d in others]))
+    assert found["default"] >= found["realigned_penalty"] + 2, found
+    assert found["default"] >= found["overlay_prefilter"] + 5, found  # 86 against 79 when written
+    assert removed == dict.fromkeys(found, 0), removed
+
+
+def test_the_realignment_past_stickers_starts_from_the_whole_image_where_it_is_nearer_without_the_overlay(tmp_path):
+    """Stickers over a whole photo can pull its nearest window onto a crop; started from the whole
+    window where that is nearer without the overlay's cells (`_starts`), verification finds more
+    copies under stickers, their original given, than from the nearest window alone."""
+    planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=0, num_others=0)
+    index = build_index([str(tmp_path / "data" / "eval")], DedupConfig(), tmp_path / "work")
+    rng = np.random.default_rng(0)
+    windows, per_image, threshold = np.asarray(index.windows_index), index.per_image, DedupConfig().copy_threshold
+    found, from_whole = {"nearest": 0, "chosen": 0}, 0
+    for path in sorted((tmp_path / "data" / "eval").rglob("*.JPEG")):
+        owner = index.keys.index(f"eval/{path.parent.name}/{path.stem}")
+        copy = index.decode(edited_copy(path.read_bytes(), "stickers + text", rng))
+        cells = retrieval_cells(copy)[None]
+        query, plain_query = robust_normalised(cells)[0], normalised(cells)[0]
+        nearest = owner * per_image + int(np.argmax(windows[owner * per_image : (owner + 1) * per_image] @ query))
+        start, overlay_start, overlay_window = index._starts(query, plain_query, nearest, None, None)
+        from_whole += overlay_start == index._whole_row(nearest) != nearest
+        found["nearest"] += index._verify(copy, start, nearest, query, windows[nearest]) >= threshold
+        found["chosen"] += index._verify(copy, start, overlay_start, query, overlay_window) >= threshold
+    assert from_whole >= 3, from_whole  # 7 when written
+    assert found["chosen"] >= found["nearest"] + 2, found  # 91 against 89 when written
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -17,7 +17,9 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    1/2..1/8 for free). One of the windows is within half a grid step of any crop, so the right
    evaluation image is among the nearest. The 10 nearest images are ordered by the mean of
    that similarity and of the similarity over the 90% of cells that agree best (stickers or a
-   band move a few cells far, which can rank another image first); verification takes the
+   band move a few cells far, which can rank another image first). A view below the prefilter
+   is verified still where its nearest window's similarity over those cells reaches
+   `overlay_prefilter` (stickers can pull a copy below the prefilter); verification takes the
    first `candidates`, each from the one of its 10 nearest windows nearest by the unclipped
    cells (clipping flattens a bright object too, and the ascent can stop on a local best from a
    window a grid step off). An image whose photo may sit
@@ -36,7 +38,9 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    overlay pulled the whole alignment off (bright stickers on a dark scene), the blocks under the
    coarse cells farthest from the candidate's are left out, and both ascents run again over the
    rest, less `realigned_penalty`: the overlay is in the copy's frame, so those blocks stay put
-   as the window moves. A window may
+   as the window moves. That starts from the nearest window or the image's whole one, whichever
+   is nearer over the cells that agree best (stickers over a whole photo can pull the nearest
+   onto a crop). A window may
    shrink to half of each side, but one under 90% of `min_area` pays `small_window_penalty`:
    a crop of another photo of the same scene (a stereo twin) lines up there. A rotated
    window is lined up on the evaluation image rotated alike, in the copy's aspect, and where
