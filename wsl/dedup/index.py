@@ -36,7 +36,7 @@ THIN_BARS = 0.98  # a box over this share of the area is kept only inside black 
 STORE = 96  # evaluation images kept as STORE x STORE RGB for verification (windows are fractions)
 ROTATED_SIDES = (0.8, 0.85, 0.9, 0.95)  # centred windows of a rotated evaluation image (below)
 SMALL_WINDOW = 0.9  # share of `min_area` under which a verified window pays `small_window_penalty`
-FORMAT = "wsl-dedup-5"
+FORMAT = "wsl-dedup-6"
 # Workers are spawned, not forked: a fork after FAISS's OpenMP threads have run (building the
 # IVF index) deadlocks the child's first OpenMP call.
 RERANK = 64  # the IVF index's nearest hits, re-ranked by exact similarity with those `_spread` adds
