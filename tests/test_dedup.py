@@ -195,9 +195,9 @@ def test_copies_under_stickers_are_shortlisted_with_their_original_first_more_of
 def test_copies_under_stickers_are_lined_up_again_and_verified_below_the_prefilter_and_other_scenes_are_not(tmp_path):
     """Bright stickers on a dark scene pull the whole thumbnail's alignment off a copy; lined up
     again without the coarse cells farthest from the candidate's, more copies reach the threshold
-    (with `realigned_penalty` at 1 the second alignment cannot count). They can also pull a copy's
+    (with `realigned_penalty` at 1.01 the second alignment cannot count). They can also pull a copy's
     similarity below the prefilter: verified where the cells that agree are near
-    (`overlay_prefilter`), more copies are found. No other demo scene is removed either way."""
+    (`overlay_prefilter`; at 1.01 never), more copies are found. No other demo scene is removed either way."""
     planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=0, num_others=400)
     build_index([str(tmp_path / "data" / "eval")], DedupConfig(), tmp_path / "work")
     rng = np.random.default_rng(0)

@@ -779,9 +779,8 @@ class EvalIndex:
         after the coarse steps, or below `align_min` after the fine ones, is scored there),
         then on its detail (lines up the texture; not where the detail starts below DETAIL_START,
         no 0.25% steps where it is below DETAIL_GIVE_UP after the 0.5% ones); where that stays
-        below the threshold, the
-        detail over the blocks whose colours agree (an overlay's blocks left out), less
-        `overlay_penalty`. A window lined up under SMALL_WINDOW of `min_area` scores
+        below the threshold, the detail over the blocks whose colours agree (an overlay's blocks
+        left out), less `overlay_penalty`. A window lined up under SMALL_WINDOW of `min_area` scores
         `small_window_penalty` less. A rotated window is lined up on the evaluation image
         rotated alike (in the copy's aspect), then, where that fails, upright. Where all that
         stays below the threshold and the whole thumbnails correlate at OVERLAY_GATE or more at
