@@ -26,6 +26,7 @@ from wsl.dedup.index import (
     COARSE,
     FINE,
     EvalIndex,
+    _trimmed_similarity,
     _turned_pixels,
     _uncovered_correlation,
     build_index,
@@ -216,6 +217,33 @@ def test_copies_under_stickers_are_lined_up_again_and_verified_below_the_prefilt
     assert found["default"] >= found["realigned_penalty"] + 2, found
     assert found["default"] >= found["overlay_prefilter"] + 5, found  # 86 against 79 when written
     assert removed == dict.fromkeys(found, 0), removed
+
+
+def test_below_the_prefilter_the_whole_windows_of_the_shortlisted_images_are_weighed_past_stickers_too(tmp_path):
+    """Stickers can pull a copy below the prefilter and another alike scene's window nearest: the
+    views weighed past the overlay (`_near_past_overlay`: every shortlisted image at its nearest
+    and its whole window) hold every one the nearest window alone lets through, and more sticker
+    copies, and no more of the other demo scenes."""
+    planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=0, num_others=400)
+    index = build_index([str(tmp_path / "data" / "eval")], DedupConfig(), tmp_path / "work")
+    rng = np.random.default_rng(0)
+    eval_files = sorted((tmp_path / "data" / "eval").rglob("*.JPEG"))
+    stickers = [edited_copy(p.read_bytes(), "stickers + text", rng) for p in eval_files]
+    others = [sample_image_bytes(s) for s in read_shard_samples(expand_shard_spec(tmp_path / "data" / "shards"))]
+    config, windows, let_through = DedupConfig(), np.asarray(index.windows_index), {}
+    for name, images in (("stickers", stickers), ("others", others)):
+        queries = np.stack([retrieval_descriptor(index.decode(data)) for data in images])
+        similarity, rows = index.coarse_search(queries, 10)
+        nearest_alone = weighed = 0
+        for query, sims, found in zip(queries, similarity, rows):
+            if sims[0] < config.prefilter:
+                alone = _trimmed_similarity(query, windows[found[:1]])[0] >= config.overlay_prefilter
+                past = index._near_past_overlay(query, found, None)
+                assert past or not alone
+                nearest_alone, weighed = nearest_alone + alone, weighed + past
+        let_through[name] = (weighed, nearest_alone)
+    assert let_through["stickers"][0] >= let_through["stickers"][1] + 1, let_through  # (9, 8) when written
+    assert let_through["others"][0] == let_through["others"][1], let_through
 
 
 def test_the_realignment_past_stickers_starts_from_the_whole_image_where_it_is_nearer_without_the_overlay(tmp_path):

@@ -18,8 +18,9 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    evaluation image is among the nearest. The 10 nearest images are ordered by the mean of
    that similarity and of the similarity over the 90% of cells that agree best (stickers or a
    band move a few cells far, which can rank another image first). A view below the prefilter
-   is verified still where its nearest window's similarity over those cells reaches
-   `overlay_prefilter` (stickers can pull a copy below the prefilter); verification takes the
+   is verified still where one of those images, at its nearest window or its whole one, reaches
+   `overlay_prefilter` over those cells (stickers can pull a copy below the prefilter, and
+   another alike scene nearest); verification takes the
    first `candidates`, each from the one of its 10 nearest windows nearest by the unclipped
    cells (clipping flattens a bright object too, and the ascent can stop on a local best from a
    window a grid step off). An image whose photo may sit
