@@ -25,6 +25,7 @@ from wsl.data.shards import expand_shard_spec, read_shard_samples, sample_image_
 from wsl.dedup.index import (
     COARSE,
     FINE,
+    NEXT_GATE,
     EvalIndex,
     _trimmed_similarity,
     _turned_pixels,
@@ -246,6 +247,39 @@ def test_below_the_prefilter_the_whole_windows_of_the_shortlisted_images_are_wei
     assert let_through["others"][0] == let_through["others"][1], let_through
 
 
+def test_where_stickers_rank_another_scene_first_the_next_image_is_lined_up_past_them(tmp_path):
+    """Stickers can rank another of the demo's alike scenes first; the shortlist's next image,
+    where it is near without the overlay's cells (`_next_past_overlay`), is lined up past them
+    (`_verify` from no plain start, at NEXT_GATE): some copies whose original came second are
+    found so, and no other demo scene's next image reaches the threshold."""
+    planted_duplicates(tmp_path / "data", num_eval=100, copies_per_image=0, num_others=400)
+    index = build_index([str(tmp_path / "data" / "eval")], DedupConfig(), tmp_path / "work")
+    rng = np.random.default_rng(0)
+    eval_files = sorted((tmp_path / "data" / "eval").rglob("*.JPEG"))
+    stickers = [
+        (f"eval/{p.parent.name}/{p.stem}", edited_copy(p.read_bytes(), "stickers + text", rng)) for p in eval_files
+    ]
+    shards = expand_shard_spec(tmp_path / "data" / "shards")
+    others = [(None, sample_image_bytes(s)) for s in read_shard_samples(shards)]
+    threshold, found = DedupConfig().copy_threshold, {}
+    for name, images in (("copies ranked second", stickers), ("others", others)):
+        found[name] = 0
+        for key, data in images:
+            image = index.decode(data)
+            cells = retrieval_cells(image)[None]
+            query, plain_query = robust_normalised(cells)[0], normalised(cells)[0]
+            similarity, rows = index.coarse_search(query[None], 10)
+            first, next_row = (int(row) for row in index._shortlist(query, similarity[0], rows[0])[:2])
+            owners = index.keys[first // index.per_image], index.keys[next_row // index.per_image]
+            if key is not None and not owners[0] != key == owners[1]:
+                continue  # not a copy whose original came second
+            past = index._next_past_overlay(query, next_row)
+            if past is not None:
+                found[name] += index._verify(image, None, past[0], plain_query, past[1], NEXT_GATE) >= threshold
+    assert found["copies ranked second"] >= 1, found  # 1 of the 3 ranked second when written
+    assert found["others"] == 0, found
+
+
 def test_the_realignment_past_stickers_starts_from_the_whole_image_where_it_is_nearer_without_the_overlay(tmp_path):
     """Stickers over a whole photo can pull its nearest window onto a crop; started from the whole
     window where that is nearer without the overlay's cells (`_starts`), verification finds more
@@ -263,10 +297,11 @@ def test_the_realignment_past_stickers_starts_from_the_whole_image_where_it_is_n
         nearest = owner * per_image + int(np.argmax(windows[owner * per_image : (owner + 1) * per_image] @ query))
         start, overlay_start, overlay_window = index._starts(query, plain_query, nearest, None, None)
         from_whole += overlay_start == index._whole_row(nearest) != nearest
-        found["nearest"] += index._verify(copy, start, nearest, query, windows[nearest]) >= threshold
-        found["chosen"] += index._verify(copy, start, overlay_start, query, overlay_window) >= threshold
+        nearest_window = normalised(index._row_cells(np.array([nearest])))[0]
+        found["nearest"] += index._verify(copy, start, nearest, plain_query, nearest_window) >= threshold
+        found["chosen"] += index._verify(copy, start, overlay_start, plain_query, overlay_window) >= threshold
     assert from_whole >= 3, from_whole  # 7 when written
-    assert found["chosen"] >= found["nearest"] + 2, found  # 91 against 89 when written
+    assert found["chosen"] >= found["nearest"] + 1, found  # 92 against 91 (91 against 89 with the clipped cells' mask)
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -37,11 +37,14 @@ of the evaluation images. The descriptor is pixels, at low resolution, in two st
    colours agree, less `overlay_penalty` (stickers, text or a caption band change the colours
    of the blocks they cover; a copy's other blocks keep the original's detail). Where the
    overlay pulled the whole alignment off (bright stickers on a dark scene), the blocks under the
-   coarse cells farthest from the candidate's are left out, and both ascents run again over the
+   coarse cells farthest from the candidate's (unclipped: clipping caps an overlay's cells, the
+   ones to find) are left out, and both ascents run again over the
    rest, less `realigned_penalty`: the overlay is in the copy's frame, so those blocks stay put
    as the window moves. That starts from the nearest window or the image's whole one, whichever
    is nearer over the cells that agree best (stickers over a whole photo can pull the nearest
-   onto a crop). A window may
+   onto a crop). Where the verified images are not the copy's original, the next shortlisted
+   one is lined up that way alone where it is near over those cells and correlates at
+   NEXT_GATE at its start: stickers can rank another alike scene first. A window may
    shrink to half of each side, but one under 90% of `min_area` pays `small_window_penalty`:
    a crop of another photo of the same scene (a stereo twin) lines up there. A rotated
    window is lined up on the evaluation image rotated alike, in the copy's aspect, and where
