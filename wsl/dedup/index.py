@@ -17,7 +17,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from wsl.config import option
-from wsl.data.folders import image_files, is_image_folder
 from wsl.data.shards import expand_shard_spec, read_shard_samples, sample_image_bytes
 from wsl.errors import WslError
 from wsl.files import write_atomic, write_json
@@ -460,6 +459,10 @@ def _pixel_box(window, size: int) -> tuple[float, float, float, float]:
 
 def evaluation_images(source: str) -> Iterator[tuple[str, bytes]]:
     """(key, bytes) of every image of an evaluation set: a folder (searched recursively) or shards."""
+    # Imported here: `wsl.data.folders` imports torchvision, whose ops import torch._dynamo (~2 s),
+    # which the scoring workers, spawned afresh, do not need.
+    from wsl.data.folders import image_files, is_image_folder
+
     if is_image_folder(source):
         root = Path(source)
         for path in image_files(root):
