@@ -525,6 +525,31 @@ def test_the_ivf_hits_are_re_ranked_on_the_descriptors_the_windows_have_alone(tm
     assert len({index._window(int(row))[2] for row in rows}) > 1  # rotated windows among them
 
 
+def test_the_ivf_re_ranking_weighs_the_whole_windows_of_every_image_among_the_hits(tmp_path):
+    """A copy of a whole image is nearest its original's whole window, which the re-ranked hits can
+    leave out: the re-ranking adds the whole windows (and their mirrors) of every image among the
+    hits, from the descriptors the build stores, the same as those recomputed from the stored
+    images. An evaluation image queried with a few of its hits comes out first at its whole window."""
+    _, against = _small_set(tmp_path)
+    index = build_index([str(against)], DedupConfig(index="ivf", nlist=4), tmp_path / "work")
+    path = sorted(against.rglob("*.JPEG"))[0]
+    query = retrieval_descriptor(index.decode(path.read_bytes()))
+    _, found = index.coarse_search(query[None], 10)
+    hits = found[0][found[0] >= 0]
+    own = index.keys.index(f"{against.name}/{path.parent.name}/{path.stem}") * index.per_image
+    some = np.array([row for row in hits if row != index._whole_row(own)][:8])  # its whole window left out
+    sims, ranked, descriptors = index._exact_order(query, some, hits)
+    wholes = {
+        index._whole_row(o * index.per_image + f * len(index.windows))
+        for o in set(hits // index.per_image)
+        for f in (0, 1)
+    }
+    assert {*some.tolist(), *wholes} == set(ranked.tolist())
+    np.testing.assert_allclose(descriptors, index._row_descriptors(ranked), atol=1e-5)
+    np.testing.assert_allclose(sims, descriptors @ query, atol=1e-5)
+    assert ranked[0] == index._whole_row(own) and sims[0] > 0.99
+
+
 def test_the_ivf_bound_is_over_every_hits_exact_similarity_and_clears_views_of_other_images(tmp_path):
     """`IvfBound` bounds each hit's exact similarity from the index's score, so a view whose
     hits are all bound below the prefilter skips the exact re-ranking that would drop it: it

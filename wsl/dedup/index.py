@@ -923,11 +923,22 @@ class EvalIndex:
         refined, realigned = _ascend(functools.partial(uncovered_detail, turned), window, (0.005, 0.0025))
         return max(best, realigned - self.config.realigned_penalty - small_penalty(refined))
 
-    def _exact_order(self, query: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The IVF index's hits re-ranked by their exact similarity, recomputed from the stored images
-        (PCA and 8-bit codes change the similarities, and the prefilter is defined on exact ones):
-        (similarities, rows, the rows' descriptors), best first."""
-        descriptors = self._row_descriptors(rows)
+    def _exact_order(
+        self, query: np.ndarray, rows: np.ndarray, hits: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The IVF index's hits `rows` (`_spread`'s of all its `hits`) re-ranked by their exact
+        similarity, recomputed from the stored images (PCA and 8-bit codes change the
+        similarities, and the prefilter is defined on exact ones), with the whole windows (and
+        their mirrors) of every image among the hits, whose descriptors the build stores: a
+        copy of a whole image is nearest its original's whole window, which the hits re-ranked
+        can leave out where other images' windows crowd them (on `make bench-dedup`, a colour
+        filtered copy's original). (similarities, rows, the rows' descriptors), best first."""
+        owners = np.unique(hits // self.per_image)
+        wholes = np.concatenate([owners * self.per_image, owners * self.per_image + len(self.windows)])
+        wholes = np.setdiff1d(wholes + self.whole_window, rows)
+        owner_of, flip_of = wholes // self.per_image, (wholes % self.per_image) // len(self.windows)
+        descriptors = np.concatenate([self._row_descriptors(rows), np.asarray(self.wholes[owner_of, flip_of])])
+        rows = np.concatenate([rows, wholes])
         exact = np.array([query @ descriptor for descriptor in descriptors], dtype=np.float32)
         order = np.argsort(-exact, kind="stable")
         return exact[order], rows[order], descriptors[order]
@@ -1117,12 +1128,13 @@ class EvalIndex:
                 if not self.exact:
                     valid = found >= 0
                     found, scores = found[valid], sims[valid]
+                    hits = found
                     kept = self._spread(found)
                     found, scores = found[kept], scores[kept]  # the hits re-ranked, with the index's scores
                     reachable = self.bound.upper(query_terms[view_id - 1], scores, found).max(initial=-1.0)
                     if reachable < self.config.prefilter and not self._near_past_overlay(query, found, None):
                         continue  # no hit can reach the prefilter, nor a whole window past an overlay
-                    sims, found, descriptors = self._exact_order(query, found)
+                    sims, found, descriptors = self._exact_order(query, found, hits)
                 if not len(found) or (
                     sims[0] < self.config.prefilter and not self._near_past_overlay(query, found, descriptors)
                 ):
