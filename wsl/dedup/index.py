@@ -936,8 +936,7 @@ class EvalIndex:
         owners = np.unique(hits // self.per_image)
         wholes = np.concatenate([owners * self.per_image, owners * self.per_image + len(self.windows)])
         wholes = np.setdiff1d(wholes + self.whole_window, rows)
-        owner_of, flip_of = wholes // self.per_image, (wholes % self.per_image) // len(self.windows)
-        descriptors = np.concatenate([self._row_descriptors(rows), np.asarray(self.wholes[owner_of, flip_of])])
+        descriptors = np.concatenate([self._row_descriptors(rows), self._stored_wholes(wholes)])
         rows = np.concatenate([rows, wholes])
         exact = np.array([query @ descriptor for descriptor in descriptors], dtype=np.float32)
         order = np.argsort(-exact, kind="stable")
@@ -1001,8 +1000,7 @@ class EvalIndex:
             wholes = [self._whole_row(row) for row in nearest]
             windows = np.asarray(self.windows_index[np.concatenate([nearest, wholes])])
         else:
-            owners, flips = np.array([self._locate(row)[:2] for row in nearest]).T
-            windows = np.asarray(self.wholes[owners, flips])
+            windows = self._stored_wholes(nearest)
             if descriptors is not None:
                 windows = np.concatenate([descriptors[positions], windows])
         return bool(_trimmed_similarity(query, windows).max() >= self.config.overlay_prefilter)
@@ -1060,6 +1058,11 @@ class EvalIndex:
         owner, rest = divmod(int(row), self.per_image)
         flip, window_id = divmod(rest, len(self.windows))
         return owner, flip, window_id
+
+    def _stored_wholes(self, rows: np.ndarray) -> np.ndarray:
+        """IVF: the descriptors the build stores of the whole windows of index rows' evaluation
+        images (of the same mirror as each row), [N, D]."""
+        return np.asarray(self.wholes[rows // self.per_image, rows % self.per_image // len(self.windows)])
 
     def _whole_row(self, row: int) -> int:
         """The index row of the whole, upright window of row `row`'s evaluation image (or of its mirror)."""
