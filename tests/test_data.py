@@ -7,6 +7,8 @@ import math
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -238,6 +240,21 @@ def test_two_processes_read_every_image_of_a_folder_exactly_once(demo, tmp_path)
     expected = sorted(str(p.relative_to(val).with_suffix("")) for p in val.rglob("*.JPEG"))
     assert len(expected) == 29
     assert sorted(keys) == expected
+
+
+def test_folders_take_torchvisions_image_extensions_and_reading_one_for_dedup_imports_no_torchvision(demo):
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from wsl.data.folders import IMAGE_EXTENSIONS
+
+    assert IMAGE_EXTENSIONS == IMG_EXTENSIONS
+    val = demo["summary"]["downstream"] + "/val"
+    script = (
+        "import sys; from wsl.dedup.index import evaluation_images; "
+        f"print(len(list(evaluation_images({val!r}))), 'torchvision' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["30", "False"]  # ~2 s of every `wsl dedup` start
 
 
 def _train_rank(rank: int, shards: str, rendezvous: str, out: str) -> None:

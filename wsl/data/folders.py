@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from wsl.data.bad_samples import DATA_ERRORS
 from wsl.errors import WslError
@@ -17,6 +16,9 @@ from wsl.errors import WslError
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "LOC_val_solution.csv"  # Kaggle's ImageNet: labels of the flat val/ folder
+# torchvision's IMG_EXTENSIONS (a test keeps them equal), here so that reading a folder does not
+# import torchvision: ~2 s of every `wsl dedup` run, whose evaluation folders need nothing else of it
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def read_labels_file(path: Path) -> dict[str, str]:
@@ -48,6 +50,8 @@ def labelled_images(
     with a labels file (given, or Kaggle's found beside the folder). `classes` (the training
     set's) fixes the class indices; a folder whose classes differ from them is an error.
     """
+    from torchvision.datasets.folder import find_classes, make_dataset
+
     root = Path(root)
     if not root.is_dir():
         raise WslError(f"image folder not found: {root}")
@@ -61,7 +65,7 @@ def labelled_images(
             )
         classes = found
         try:
-            items = make_dataset(str(root), {name: i for i, name in enumerate(classes)}, extensions=IMG_EXTENSIONS)
+            items = make_dataset(str(root), {name: i for i, name in enumerate(classes)}, extensions=IMAGE_EXTENSIONS)
         except FileNotFoundError as exn:  # a class folder without images
             raise WslError(f"no images in {root}: {str(exn).splitlines()[0]}") from None
     else:
@@ -76,7 +80,7 @@ def labelled_images(
         index = {name: i for i, name in enumerate(classes)}
         items = []
         for path in sorted(root.iterdir()):
-            if not has_file_allowed_extension(path.name, IMG_EXTENSIONS):
+            if not path.name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
             name = labels.get(path.stem)
             if name is None:
@@ -97,7 +101,7 @@ def is_image_folder(source: str | Path) -> bool:
 
 def image_files(root: Path) -> list[Path]:
     """Every image file under `root`, recursively, sorted (the one folder walker)."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and has_file_allowed_extension(p.name, IMG_EXTENSIONS))
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def image_key(path: str, root: Path) -> str:

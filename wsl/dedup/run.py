@@ -50,18 +50,33 @@ def _start_worker(workers_started) -> None:
         torch.cuda.set_device(number % torch.cuda.device_count())
 
 
-@functools.lru_cache(maxsize=1)
-def _worker_index(work: str, config_json: str, threads: int):
-    """The evaluation index, opened once per worker process (an SSCD network loads once, not once a shard)."""
+def _pool(workers: int) -> cf.Executor:
+    """One pool for scoring and writing. Several workers are spawned processes, each importing
+    torch and opening the index once; a single one is a thread of this process, which has both
+    already (a spawned one took ~3.5 s to start, a tenth of `make bench-dedup`'s run)."""
+    if workers <= 1:
+        return cf.ThreadPoolExecutor(max_workers=1)
+    return cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=_SPAWN, initializer=_start_worker, initargs=(_SPAWN.Value("i", 0),)
+    )
+
+
+def _scoring_index(work: str, config_json: str, threads: int):
+    """The evaluation index as scoring opens it: FAISS (and an SSCD network) on `threads` threads."""
     import faiss
 
     faiss.omp_set_num_threads(threads)
     return open_index(Path(work), DedupConfig(**json.loads(config_json)), threads)
 
 
-def _score_shard(url: str, work: str, config: dict, threads: int, batch: int = 256) -> dict:
-    """Task: every sample of one shard scored against the evaluation index -> decisions/<shard>.json."""
-    index = _worker_index(work, json.dumps(config, sort_keys=True), threads)
+_worker_index = functools.lru_cache(maxsize=1)(_scoring_index)  # once per spawned worker (an SSCD network too)
+
+
+def _score_shard(url: str, work: str, config: dict, threads: int, index=None, batch: int = 256) -> dict:
+    """Task: every sample of one shard scored against the evaluation index (that of a spawned
+    worker where `index` is None) -> decisions/<shard>.json."""
+    if index is None:
+        index = _worker_index(work, json.dumps(config, sort_keys=True), threads)
     records: list[dict] = []
     pending: list[tuple[dict, Image.Image]] = []
 
@@ -291,12 +306,12 @@ def run_dedup(
         total=len(mine), initial=len(mine) - len(pending), desc="de-duplicating", unit=" shards", dynamic_ncols=True
     )
     images, tick = 0, time.time()
-    # One pool for scoring and writing: each spawned worker imports torch and the index once.
-    with cf.ProcessPoolExecutor(
-        max_workers=max(1, workers), mp_context=_SPAWN, initializer=_start_worker, initargs=(_SPAWN.Value("i", 0),)
-    ) as pool:
+    in_process = None  # one worker, a thread: its index opened here, not cached across runs (which may rebuild it)
+    if workers <= 1:
+        in_process = _scoring_index(str(work), json.dumps(asdict(config), sort_keys=True), threads)
+    with _pool(workers) as pool:
         for done in cf.as_completed(
-            [pool.submit(_score_shard, url, str(work), asdict(config), threads) for url in pending]
+            [pool.submit(_score_shard, url, str(work), asdict(config), threads, in_process) for url in pending]
         ):
             images += len(done.result()["samples"])
             progress.update()
