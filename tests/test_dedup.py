@@ -27,6 +27,8 @@ from wsl.dedup.index import (
     FINE,
     NEXT_GATE,
     EvalIndex,
+    _last_axis_median,
+    _middle,
     _trimmed_similarity,
     _turned_pixels,
     _uncovered_correlation,
@@ -506,6 +508,19 @@ def test_the_exact_search_gives_the_same_floats_and_groups_with_the_buffer_it_ke
         assert np.array_equal(held[0], fresh[0]) and np.array_equal(held[1], fresh[1])
         best = (batch @ database.T).reshape(len(batch), 2000, 50).max(axis=2)
         assert np.array_equal(held[1] // 50, np.argsort(-best, axis=1, kind="stable")[:, :5])
+
+
+def test_the_fast_medians_are_numpys_to_the_bit():
+    """The medians taken by a partial sort at one position (the retrieval cells' and each line's
+    of grey levels) equal numpy's: the same floats, so the same decisions."""
+    rng = np.random.default_rng(0)
+    for count in (1, 2, 7, 255, 256):
+        cells = (rng.standard_normal((40, count)) * 30).astype(np.float32)
+        cells[::2] = np.round(cells[::2])  # ties
+        assert np.array_equal(_last_axis_median(cells), np.median(cells, axis=-1, keepdims=True))
+        levels = rng.integers(0, 256, (40, count)).astype(np.int16)
+        upper = np.sort(levels, axis=1)[:, count // 2]  # the upper one of an even count
+        assert np.array_equal(_middle(levels), upper)
 
 
 def test_the_ivf_hits_are_re_ranked_on_the_descriptors_the_windows_have_alone(tmp_path):
