@@ -25,8 +25,10 @@ from wsl.data.shards import expand_shard_spec, read_shard_samples, sample_image_
 from wsl.dedup.index import (
     COARSE,
     FINE,
+    FIRST_PASS_GIVE_UP,
     NEXT_GATE,
     EvalIndex,
+    _ascend,
     _last_axis_median,
     _middle,
     _trimmed_similarity,
@@ -463,6 +465,9 @@ def test_two_runs_give_byte_identical_shards_and_a_killed_run_finishes_on_rerun(
     again = {p.name: p.read_bytes() for p in (tmp_path / "b").glob("*.tar*")}
     assert again == reference  # the same shards, byte for byte, none missing, no .tmp left
     assert json.loads((tmp_path / "b" / REPORT_FILE).read_text())["kept"] == report["kept"]
+    one = _dedup(shards, against, tmp_path / "c", "workers=1")  # one worker: a thread of the run's process
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").glob("*.tar*")} == reference
 
 
 def test_missing_input_and_output_over_the_input_are_one_line_errors(tmp_path):
@@ -508,6 +513,22 @@ def test_the_exact_search_gives_the_same_floats_and_groups_with_the_buffer_it_ke
         assert np.array_equal(held[0], fresh[0]) and np.array_equal(held[1], fresh[1])
         best = (batch @ database.T).reshape(len(batch), 2000, 50).max(axis=2)
         assert np.array_equal(held[1] // 50, np.argsort(-best, axis=1, kind="stable")[:, :5])
+
+
+def test_an_alignment_below_the_first_pass_give_up_stops_after_its_first_pass_and_others_go_on():
+    """The whole alignment of a non-copy stops after one pass over its 14 moves where it stays
+    below FIRST_PASS_GIVE_UP; an objective that climbs past it is followed to its top."""
+    for top, gives_up in [(0.3, True), (0.9, False)]:
+        trials = []
+
+        def objective(window, top=top, trials=trials):  # peaks at the window (0.1, 0.1, 0.9, 0.9)
+            trials.append(window)
+            return top - sum(abs(v - t) for v, t in zip(window, (0.1, 0.1, 0.9, 0.9)))
+
+        window, best = _ascend(objective, np.array([0.0, 0.0, 1.0, 1.0]), (0.02, 0.01), 0.5, FIRST_PASS_GIVE_UP)
+        assert (len(trials) <= 15) == gives_up  # the start and one pass over 14 moves
+        if not gives_up:
+            assert np.allclose(window, (0.1, 0.1, 0.9, 0.9)) and best == pytest.approx(top)
 
 
 def test_the_fast_medians_are_numpys_to_the_bit():
