@@ -289,10 +289,12 @@ def run_dedup(
     (work / "decisions").mkdir(parents=True, exist_ok=True)
     write_json(settings_file, settings)
 
-    if (work / "eval-keys.json").is_file():
-        index = open_index(work, config)
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    built = None if (work / "eval-keys.json").is_file() else build_index([str(a) for a in against], config, work)
+    if workers <= 1:  # one worker, a thread: this index, opened as scoring opens it (an SSCD network loads once)
+        index = _scoring_index(str(work), json.dumps(asdict(config), sort_keys=True), threads)
     else:
-        index = build_index([str(a) for a in against], config, work)
+        index = built if built is not None else open_index(work, config)
     eval_skipped = json.loads((work / "eval-keys.json").read_text())["skipped"]
 
     decisions_file = {url: work / "decisions" / f"{Path(url).name}.json" for url in urls}
@@ -301,14 +303,11 @@ def run_dedup(
     if merge and pending:
         read_records(out, "dedup")  # names the parts that have not finished
         raise WslError(f"{len(pending)} shards have no decisions ({Path(pending[0]).name}...): run their parts again")
-    threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     progress = tqdm(
         total=len(mine), initial=len(mine) - len(pending), desc="de-duplicating", unit=" shards", dynamic_ncols=True
     )
     images, tick = 0, time.time()
-    in_process = None  # one worker, a thread: its index opened here, not cached across runs (which may rebuild it)
-    if workers <= 1:
-        in_process = _scoring_index(str(work), json.dumps(asdict(config), sort_keys=True), threads)
+    in_process = index if workers <= 1 else None  # (not cached across runs, which may rebuild the index)
     with _pool(workers) as pool:
         for done in cf.as_completed(
             [pool.submit(_score_shard, url, str(work), asdict(config), threads, in_process) for url in pending]
